@@ -1,0 +1,1 @@
+"""Fused ops of vatt_fast (installed as ``vatt_fast.kernels``)."""

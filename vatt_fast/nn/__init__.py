@@ -1,0 +1,1 @@
+"""Drop-in VATT layers. Import from the submodules or from here."""
