@@ -1,0 +1,344 @@
+"""Attention backends against an independent fp64 computation, errors, and T5 buckets."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vatt_fast.nn import attention as attn_mod
+from vatt_fast.nn.attention import (
+    BACKENDS,
+    Attention,
+    RelativePositionBias,
+    available_backends,
+    padding_mask_to_bias,
+    relative_position_bucket,
+    resolve_backend,
+    set_attention_backend,
+)
+
+FLASH = "flash_attn" in available_backends()
+XFORMERS = "xformers" in available_backends()
+
+
+def servable_backends(device, dtype, has_bias):
+    """Every backend (``auto`` included) that can serve a call on this device and dtype."""
+    probe = torch.empty(1, 1, 1, 64, device=device, dtype=dtype)
+    names = []
+    for name in BACKENDS:
+        try:
+            resolve_backend(name, probe, has_bias)
+        except RuntimeError:
+            continue
+        names.append(name)
+    return names
+
+
+def reference_attention(x, module, bias):
+    """softmax(QK^T/sqrt(d) + bias)V and the output projection, written out in fp64."""
+    x = x.double()
+    B, N, D = x.shape
+    H = module.num_heads
+    Dh = D // H
+    w_qkv, b_qkv = module.qkv.weight.double(), module.qkv.bias.double()
+    qkv = torch.einsum("bnd,ed->bne", x, w_qkv) + b_qkv  # (B, N, 3D)
+    q, k, v = qkv.split(D, dim=-1)
+    q = q.reshape(B, N, H, Dh)
+    k = k.reshape(B, N, H, Dh)
+    v = v.reshape(B, N, H, Dh)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(Dh)
+    if bias is not None:
+        scores = scores + bias.double()
+    scores = scores - scores.amax(dim=-1, keepdim=True)
+    p = scores.exp()
+    p = p / p.sum(dim=-1, keepdim=True)
+    o = torch.einsum("bhqk,bkhd->bqhd", p, v).reshape(B, N, D)
+    return torch.einsum("bnd,ed->bne", o, module.proj.weight.double()) + module.proj.bias.double()
+
+
+def make_bias(kind, B, H, N, device):
+    if kind is None:
+        return None
+    parts = []
+    if kind in ("rel", "both"):
+        parts.append(torch.randn(1, H, N, N, device=device))
+    if kind in ("padding", "both"):
+        keep = torch.rand(B, N, device=device) > 0.4  # holes anywhere
+        keep[:, 0] = True  # every query keeps at least one key
+        keep[0, :] = True  # and one sample without padding
+        parts.append(padding_mask_to_bias(keep))
+    bias = parts[0] if len(parts) == 1 else parts[0] + parts[1]
+    return bias.requires_grad_(kind != "padding")
+
+
+ATOL = {torch.float64: 1e-10, torch.float32: 2e-6, torch.bfloat16: 2e-2, torch.float16: 2e-3}
+# The math backend itself, relative to the largest reference value: a loose absolute check
+# so that a wrong reference path cannot loosen the parity bound of the others.
+MATH_RTOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 5e-3}
+
+
+def run(module, x, bias, grad_out):
+    x = x.detach().clone().requires_grad_(True)
+    b = None if bias is None else bias.detach().clone().requires_grad_(bias.requires_grad)
+    module.zero_grad(set_to_none=True)
+    out = module(x, b)
+    out.backward(grad_out.to(out.dtype))
+    grads = {"x": x.grad, "qkv.weight": module.qkv.weight.grad, "proj.weight": module.proj.weight.grad}
+    if b is not None and b.requires_grad:
+        grads["bias"] = b.grad
+    return out.detach(), grads
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=["fp64", "fp32", "bf16"])
+@pytest.mark.parametrize("bias_kind", [None, "rel", "padding", "both"])
+def test_backends_match_reference(device, dtype, bias_kind):
+    """Output and every gradient of each servable backend vs an fp64 reference, with the
+    flash-attention parity rule: err(backend) <= 2 * err(math in the same dtype) + atol."""
+    B, N, D, H = 3, 37, 96, 3
+    ref_module = Attention(D, H).to(device)
+    x = torch.randn(B, N, D, device=device)
+    bias = make_bias(bias_kind, B, H, N, device)
+    grad_out = torch.randn(B, N, D, device=device)
+
+    ref_module.double()
+    ref_out, ref_grads = run(ref_module, x.double(), None if bias is None else bias.double(), grad_out.double())
+    torch.testing.assert_close(ref_out, reference_attention(x, ref_module, bias), rtol=1e-12, atol=1e-12)
+
+    def errors(backend):
+        module = Attention(D, H, backend=backend).to(device)
+        module.load_state_dict(ref_module.state_dict())
+        module.to(dtype)
+        out, grads = run(module, x.to(dtype), None if bias is None else bias.to(dtype), grad_out)
+        errs = {"out": (out.double() - ref_out).abs().max().item()}
+        errs.update({k: (g.double() - ref_grads[k]).abs().max().item() for k, g in grads.items()})
+        return errs
+
+    baseline = errors("math")
+    for key, err in baseline.items():
+        scale = (ref_out if key == "out" else ref_grads[key]).abs().max().item()
+        assert err <= MATH_RTOL[dtype] * scale, f"math backend {dtype} bias={bias_kind}: {key} error {err:.3g}"
+    for backend in servable_backends(device, dtype, bias is not None):
+        errs = errors(backend)
+        for key, err in errs.items():
+            limit = 2 * baseline[key] + ATOL[dtype]
+            assert err <= limit, f"backend {backend} {dtype} bias={bias_kind}: {key} error {err:.3g} > {limit:.3g}"
+
+
+def test_padding_mask_blocks_masked_keys(device):
+    """Changing the values of masked keys does not change any output."""
+    B, N, D, H = 2, 29, 64, 4
+    module = Attention(D, H).to(device)
+    keep = torch.ones(B, N, dtype=torch.bool, device=device)
+    keep[0, 17:] = False
+    keep[1, 3:9] = False
+    x = torch.randn(B, N, D, device=device)
+    x2 = x.clone()
+    x2[~keep] = torch.randn(int((~keep).sum()), D, device=device) * 10
+    bias = padding_mask_to_bias(keep)
+    for backend in servable_backends(device, torch.float32, True):
+        module.backend = backend
+        out, out2 = module(x, bias), module(x2, bias)
+        torch.testing.assert_close(out[keep], out2[keep], msg=f"backend {backend}")
+        assert not torch.allclose(module(x)[keep], module(x2)[keep])  # without the mask it does change
+
+
+def test_attention_dropout_only_in_training(device):
+    D, H, N = 64, 2, 21
+    x = torch.randn(2, N, D, device=device)
+    plain = Attention(D, H).to(device).eval()
+    for backend in servable_backends(device, torch.float32, False):
+        dropped = Attention(D, H, attn_drop=0.5, backend=backend).to(device)
+        dropped.load_state_dict(plain.state_dict())
+        dropped.eval()
+        torch.testing.assert_close(dropped(x), plain(x), msg=f"backend {backend} eval")
+        dropped.train()
+        torch.manual_seed(1)
+        a = dropped(x)
+        torch.manual_seed(1)
+        b = dropped(x)
+        torch.testing.assert_close(a, b, msg=f"backend {backend}: dropout not reproducible under a seed")
+        assert not torch.allclose(a, plain(x)), f"backend {backend}: attention dropout had no effect in training"
+
+
+def test_math_dropout_zeroes_and_rescales_probabilities():
+    """With every value row one-hot, the math backend's output exposes the dropped probabilities."""
+    N, H = 40, 1
+    q = torch.zeros(1, N, H, N)  # uniform attention: p = 1/N
+    v = torch.eye(N).reshape(1, N, H, N)
+    out = attn_mod.attention(q, q, v, dropout_p=0.25, backend="math")  # (1, N, H, N) = dropped probs
+    kept = out != 0
+    assert 0 < kept.float().mean() < 1
+    torch.testing.assert_close(out[kept], torch.full_like(out[kept], 1 / N / 0.75))
+
+
+def test_auto_picks_sdpa_on_cpu(monkeypatch):
+    probe = torch.randn(1, 4, 2, 32)
+    assert resolve_backend("auto", probe, has_bias=False) == "sdpa"
+    assert resolve_backend("auto", probe, has_bias=True) == "sdpa"
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(attn_mod.F, "scaled_dot_product_attention", counting)
+    Attention(64, 2)(torch.randn(2, 5, 64))
+    assert calls == [1]
+    Attention(64, 2, backend="math")(torch.randn(2, 5, 64))
+    assert calls == [1]
+
+
+def test_unknown_backend_lists_valid_ones():
+    with pytest.raises(ValueError, match=r"unknown attention backend 'cudnn'.*'sdpa'.*'math'"):
+        Attention(64, 2, backend="cudnn")
+    module = Attention(64, 2)
+    with pytest.raises(ValueError, match="valid backends"):
+        module.backend = "fast"
+    assert module.backend == "auto"
+
+
+@pytest.mark.skipif(FLASH, reason="checks the message given when flash-attn is missing")
+def test_flash_attn_missing_package():
+    with pytest.raises(RuntimeError, match=r"flash-attn.*not installed.*sdpa"):
+        Attention(64, 2, backend="flash_attn")
+    with pytest.raises(RuntimeError, match="flash-attn"):
+        set_attention_backend(nn.Sequential(Attention(64, 2)), "flash_attn")
+
+
+@pytest.mark.skipif(XFORMERS, reason="checks the message given when xformers is missing")
+def test_xformers_missing_package():
+    with pytest.raises(RuntimeError, match=r"xformers.*not installed"):
+        Attention(64, 2, backend="xformers")
+
+
+@pytest.mark.skipif(not (FLASH or XFORMERS), reason="needs flash-attn or xformers installed")
+def test_cuda_only_backends_reject_cpu_tensors():
+    for name in [n for n in ("flash_attn", "xformers") if n in available_backends()]:
+        module = Attention(64, 2, backend=name)
+        with pytest.raises(RuntimeError, match=r"CUDA tensors only, got a cpu tensor.*sdpa"):
+            module(torch.randn(1, 5, 64))
+
+
+@pytest.mark.skipif(not (FLASH and torch.cuda.is_available()), reason="needs flash-attn and a CUDA device")
+def test_flash_attn_rejects_bias_and_fp32():
+    module = Attention(128, 2, backend="flash_attn").cuda()
+    x = torch.randn(2, 9, 128, device="cuda")
+    with pytest.raises(RuntimeError, match=r"float16 or bfloat16.*float32"):
+        module(x)
+    keep = torch.ones(2, 9, dtype=torch.bool, device="cuda")
+    with pytest.raises(RuntimeError, match=r"no additive attention bias.*'xformers' or 'sdpa'"):
+        module.bfloat16()(x.bfloat16(), padding_mask_to_bias(keep, torch.bfloat16))
+
+
+def test_bias_shape_is_checked():
+    module = Attention(64, 2)
+    with pytest.raises(ValueError, match=r"attn_bias of shape \(1, 2, 7, 6\) does not broadcast"):
+        module(torch.randn(1, 7, 64), torch.zeros(1, 2, 7, 6))
+    with pytest.raises(ValueError, match="not divisible by num_heads 5"):
+        Attention(64, 5)
+
+
+def test_available_backends_and_set_backend():
+    names = available_backends()
+    assert names[-2:] == ["sdpa", "math"]
+    assert ("flash_attn" in names) == FLASH and ("xformers" in names) == XFORMERS
+    model = nn.Sequential(Attention(32, 2), nn.Sequential(Attention(32, 4)), nn.Linear(32, 32))
+    assert set_attention_backend(model, "math") is model
+    assert [m.backend for m in model.modules() if isinstance(m, Attention)] == ["math", "math"]
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        set_attention_backend(model, "nope")
+    with pytest.raises(ValueError, match="contains no vatt_fast Attention"):
+        set_attention_backend(nn.Linear(3, 3), "sdpa")
+
+
+def test_padding_mask_to_bias():
+    keep = torch.tensor([[True, False, True], [True, True, False]])
+    bias = padding_mask_to_bias(keep, torch.float16)
+    assert bias.shape == (2, 1, 1, 3) and bias.dtype == torch.float16
+    expected = torch.tensor([[0.0, -math.inf, 0.0], [0.0, 0.0, -math.inf]], dtype=torch.float16)
+    assert torch.equal(bias[:, 0, 0], expected)
+    with pytest.raises(ValueError, match=r"bool tensor \[B, N\].*torch.int64"):
+        padding_mask_to_bias(keep.long())
+
+
+def test_timm_parameter_names():
+    assert sorted(Attention(48, 3).state_dict()) == ["proj.bias", "proj.weight", "qkv.bias", "qkv.weight"]
+    assert sorted(Attention(48, 3, qkv_bias=False).state_dict()) == ["proj.bias", "proj.weight", "qkv.weight"]
+    assert Attention(48, 3).qkv.weight.shape == (144, 48)
+
+
+# --- T5 relative position buckets ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "rel, expected",
+    [
+        # bidirectional, 32 buckets, max distance 64: 16 per direction, exact below 8,
+        # then 8 + floor(log(d / 8) / log(64 / 8) * 8), capped at 15; keys after the query +16.
+        (0, 0),
+        (-1, 1),
+        (-7, 7),
+        (7, 16 + 7),
+        (-8, 8),  # log(1) = 0
+        (-16, 10),  # 8 + floor(8/3)
+        (16, 26),
+        (-32, 13),  # 8 + floor(16/3)
+        (-63, 15),  # 8 + floor(7.94)
+        (-64, 15),
+        (-1000, 15),
+        (1000, 31),
+    ],
+)
+def test_relative_position_bucket_bidirectional(rel, expected):
+    got = relative_position_bucket(torch.tensor([rel]), bidirectional=True, num_buckets=32, max_distance=64)
+    assert got.item() == expected
+
+
+def test_relative_position_bucket_unidirectional_and_t5_default():
+    rel = torch.tensor([5, 0, -5, -15, -16, -20, -200])
+    # 32 buckets, exact below 16; future keys all in bucket 0; -20 -> 16 + floor(log(1.25)/log(4)*16) = 18.
+    got = relative_position_bucket(rel, bidirectional=False, num_buckets=32, max_distance=64)
+    assert got.tolist() == [0, 0, 5, 15, 16, 18, 31]
+    # T5 default max distance 128: -100 -> 8 + floor(log(12.5)/log(16)*8) = 15; -40 -> 8 + floor(4.64) = 12
+    got = relative_position_bucket(torch.tensor([-40, -100, 40]), True, 32, 128)
+    assert got.tolist() == [12, 15, 28]
+
+
+def test_relative_position_bias_reads_the_table(device):
+    H, q_len, k_len = 3, 5, 9
+    rpb = RelativePositionBias(H, num_buckets=8, max_distance=10).to(device)
+    assert RelativePositionBias.relative_position_bucket is relative_position_bucket
+    bias = rpb(q_len, k_len)
+    assert bias.shape == (1, H, q_len, k_len)
+    table = rpb.relative_attention_bias.weight
+    for i in range(q_len):
+        for j in range(k_len):
+            bucket = relative_position_bucket(torch.tensor(j - i), True, 8, 10).item()
+            torch.testing.assert_close(bias[0, :, i, j], table[bucket])
+    assert list(rpb.state_dict()) == ["relative_attention_bias.weight"]
+    bias.sum().backward()
+    assert table.grad is not None and table.grad.abs().sum() > 0
+
+
+def test_xformers_bias_is_materialised_aligned_and_differentiable():
+    """The bias handed to xformers: full [B, H, N, N], row stride a multiple of 8, grads flow back."""
+    B, H, N = 3, 2, 13
+    rel = torch.randn(1, H, N, N, requires_grad=True)
+    pad = padding_mask_to_bias(torch.rand(B, N) > 0.3)
+    bias = attn_mod._xformers_bias(rel + pad, B, H, N, torch.float16)
+    assert bias.shape == (B, H, N, N) and bias.dtype == torch.float16
+    assert bias.stride(-2) % 8 == 0 and bias.stride(-1) == 1
+    torch.testing.assert_close(bias.float(), (rel + pad).expand(B, H, N, N).half().float())
+    bias.float().masked_fill(torch.isinf(bias), 0).sum().backward()
+    assert rel.grad.shape == rel.shape
+
+
+def test_functional_attention_checks_layout():
+    q = torch.randn(2, 5, 3, 8)
+    with pytest.raises(ValueError, match=r"\[B, N, H, head_dim\]"):
+        attn_mod.attention(q, q, q[:, :4])
+    out = attn_mod.attention(q, q, q, backend="math")
+    assert out.shape == q.shape

@@ -1,0 +1,233 @@
+"""The PyAV loader: batch contract, determinism, resume, rank sharding and bad data."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from data_fixtures import BAD_IDS, bad_dir, synthetic_dir  # noqa: F401  (session fixtures)
+from vatt_fast.data import build_loader, read_manifest
+from vatt_fast.data.loader import resolve_backend
+from vatt_fast.data.pyav_loader import decode_with_pyav
+from vatt_fast.data.sampler import ClipSampler, ClipSpec
+from vatt_fast.data.vocab import Vocabulary
+from vatt_fast.models.config import get_config
+
+
+def _take(loader, n):
+    out = []
+    for batch in loader:
+        out.append(batch)
+        if len(out) == n:
+            break
+    return out
+
+
+def _same(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_auto_backend_is_pyav_without_cuda():
+    if torch.cuda.is_available():
+        pytest.skip("auto picks DALI when CUDA is there")
+    assert resolve_backend("auto") == "pyav"
+    with pytest.raises(ValueError, match="unknown loader backend 'ffmpeg'"):
+        resolve_backend("ffmpeg")
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_batch_contract_matches_the_tiny_preset(synthetic_dir, num_workers):  # noqa: F811
+    cfg = get_config("tiny")
+    loader = build_loader(synthetic_dir, "train", 3, backend="pyav", num_workers=num_workers)
+    try:
+        (batch,) = _take(loader, 1)
+    finally:
+        loader.close()
+    B, T, S = 3, cfg.num_frames, cfg.audio_samples
+    assert batch["video"].dtype == torch.uint8 and batch["video"].shape == (B, T, cfg.frame_size, cfg.frame_size, 3)
+    assert batch["audio"].dtype == torch.float32 and batch["audio"].shape == (B, S)
+    assert batch["text"].dtype == torch.int64 and batch["text"].shape == (B, cfg.num_captions, cfg.caption_len)
+    assert batch["text_mask"].dtype == torch.bool and batch["text_mask"].shape == (B, cfg.num_captions)
+    assert batch["label"].dtype == torch.int64 and batch["label"].shape == (B,)
+    assert batch["index"].dtype == torch.int64 and batch["index"].shape == (B,)
+    assert batch["text_mask"].all() and batch["audio"].abs().max() > 0.05
+    assert int(batch["text"].max()) < len(Vocabulary.load(synthetic_dir)) <= cfg.vocab_size
+    recs = read_manifest(synthetic_dir, split="train")
+    assert batch["label"].tolist() == [recs[i].label for i in batch["index"].tolist()]
+    assert len(loader) == len(recs) // 3
+    assert loader.bad_data == {}
+
+
+def test_batch_matches_the_reference_decode(synthetic_dir):  # noqa: F811
+    loader = build_loader(synthetic_dir, "val", 2, backend="pyav", num_workers=0)
+    (batch,) = _take(loader, 1)
+    recs = read_manifest(synthetic_dir, split="val")
+    spec = ClipSpec.from_preset("tiny")
+    sampler = ClipSampler(spec, Vocabulary.load(synthetic_dir), train=False, seed=0)
+    for j, i in enumerate(batch["index"].tolist()):
+        plan = sampler.plan(recs[i], i, 0)
+        video, audio = decode_with_pyav(plan, spec)
+        assert np.array_equal(batch["video"][j].numpy(), video)
+        assert np.array_equal(batch["audio"][j].numpy(), audio)
+        assert np.array_equal(batch["text"][j].numpy(), plan.text)
+
+
+def test_loader_feeds_the_tiny_model(synthetic_dir):  # noqa: F811
+    from vatt_fast.models import create_model
+
+    loader = build_loader(synthetic_dir, "train", 2, backend="pyav", num_workers=0)
+    (batch,) = _take(loader, 1)
+    model = create_model("tiny").eval()
+    with torch.no_grad():
+        out = model(batch)
+    for key in ("video_va", "audio_va", "video_vt", "text_vt"):
+        assert key in out and out[key].shape[0] == 2 and torch.isfinite(out[key]).all()
+
+
+def test_train_is_deterministic_for_a_seed_and_worker_count_independent(synthetic_dir):  # noqa: F811
+    a = build_loader(synthetic_dir, "train", 4, backend="pyav", num_workers=0, seed=7)
+    b = build_loader(synthetic_dir, "train", 4, backend="pyav", num_workers=2, seed=7)
+    c = build_loader(synthetic_dir, "train", 4, backend="pyav", num_workers=0, seed=8)
+    try:
+        xa, xb, xc = _take(a, 2), _take(b, 2), _take(c, 1)
+    finally:
+        b.close()
+    for p, q in zip(xa, xb):
+        _same(p, q)
+    assert not torch.equal(xa[0]["index"], xc[0]["index"]) or not torch.equal(xa[0]["video"], xc[0]["video"])
+
+
+def test_train_is_infinite_reshuffled_and_resumes_exactly(synthetic_dir):  # noqa: F811
+    # 14 train records, batch 4, drop_last -> 3 batches per epoch; take 7 = two epochs and a bit
+    full = build_loader(synthetic_dir, "train", 4, backend="pyav", num_workers=0, seed=2)
+    assert len(full) == 3
+    ref = _take(full, 7)
+    assert full.state_dict()["epoch"] == 2 and full.state_dict()["batch"] == 1
+    epoch0 = torch.cat([b["index"] for b in ref[:3]]).tolist()
+    epoch1 = torch.cat([b["index"] for b in ref[3:6]]).tolist()
+    assert len(set(epoch0)) == 12 and len(set(epoch1)) == 12 and epoch0 != epoch1
+
+    part = build_loader(synthetic_dir, "train", 4, backend="pyav", num_workers=2, seed=2)
+    first = _take(part, 2)
+    state = json.loads(json.dumps(part.state_dict()))  # it must survive a checkpoint file
+    part.close()
+    resumed = build_loader(synthetic_dir, "train", 4, backend="pyav", num_workers=2, seed=2)
+    resumed.load_state_dict(state)
+    rest = _take(resumed, 5)
+    resumed.close()
+    for p, q in zip(first + rest, ref):
+        _same(p, q)
+    wrong = build_loader(synthetic_dir, "train", 2, backend="pyav", num_workers=0, seed=2)
+    with pytest.raises(ValueError, match="batch_size: saved 4, here 2"):
+        wrong.load_state_dict(state)
+
+
+def test_eval_is_one_ordered_pass_every_time(synthetic_dir):  # noqa: F811
+    recs = read_manifest(synthetic_dir, split="train")
+    loader = build_loader(synthetic_dir, "train", 4, backend="pyav", num_workers=2, train=False)
+    assert len(loader) == 4  # 14 records, no drop
+    first = list(loader)
+    second = list(loader)
+    loader.close()
+    assert torch.cat([b["index"] for b in first]).tolist() == list(range(len(recs)))
+    assert [b["video"].shape[0] for b in first] == [4, 4, 4, 2]
+    for p, q in zip(first, second):
+        _same(p, q)
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_rank_shards_are_disjoint_and_cover(synthetic_dir, world_size):  # noqa: F811
+    n = len(read_manifest(synthetic_dir, split="train"))
+    seen_eval, seen_train = [], []
+    for rank in range(world_size):
+        ev = build_loader(synthetic_dir, "train", 3, backend="pyav", num_workers=0, train=False,
+                          rank=rank, world_size=world_size)
+        seen_eval += [i for b in ev for i in b["index"].tolist()]
+        tr = build_loader(synthetic_dir, "train", 2, backend="pyav", num_workers=0, rank=rank,
+                          world_size=world_size, seed=4)
+        assert len(tr) == (n // world_size) // 2
+        seen_train += [i for b in _take(tr, len(tr)) for i in b["index"].tolist()]
+    assert sorted(seen_eval) == list(range(n))
+    assert len(seen_train) == len(set(seen_train)) == world_size * ((n // world_size) // 2) * 2
+
+
+def test_bad_data_is_replaced_and_counted(bad_dir):  # noqa: F811
+    ids = [r.id for r in read_manifest(bad_dir)]
+    assert ids == ["good", "unreadable", "truncated", "missing_audio", "short", "no_captions"]
+    loader = build_loader(bad_dir, "train", 1, backend="pyav", num_workers=0, train=False)
+    assert loader.bad_data == {"bad_manifest_line": 1}
+    got = [(int(b["index"]), b) for b in loader]
+    # replaced by the next readable record: unreadable -> truncated -> missing_audio -> short
+    assert [i for i, _ in got] == [0, 4, 4, 4, 4, 5]
+    assert loader.bad_data == {
+        "bad_manifest_line": 1,
+        "unreadable": 1,
+        "truncated": 2,
+        "missing_audio": 3,
+        "short": 4,
+        "no_captions": 1,
+    }
+    short = got[1][1]
+    assert torch.equal(short["video"][0, 5], short["video"][0, 7])  # last frame repeated
+    assert short["text_mask"][0].tolist() == [True, False]
+    no_caps = got[5][1]
+    assert not no_caps["text_mask"].any() and not no_caps["text"].any()
+    assert no_caps["video"].float().std() > 5
+
+
+def test_bad_data_counts_survive_resume_and_workers(bad_dir):  # noqa: F811
+    loader = build_loader(bad_dir, "train", 2, backend="pyav", num_workers=2, train=False)
+    list(loader)
+    counts = loader.bad_data
+    loader.close()
+    assert counts["missing_audio"] == 3 and counts["bad_manifest_line"] == 1
+    fresh = build_loader(bad_dir, "train", 2, backend="pyav", num_workers=0, train=False)
+    fresh.load_state_dict({"epoch": 0, "batch": 0, "bad_data": {"truncated": 5}})
+    assert fresh.bad_data == {"truncated": 5}
+
+
+def test_everything_bad_is_an_error(bad_dir, tmp_path):  # noqa: F811
+    rows = [json.loads(line) for line in (bad_dir / "manifest.jsonl").read_text().splitlines()]
+    rows = [dict(r, video=str(bad_dir / r["video"]), audio=str(bad_dir / r["audio"])) for r in rows
+            if r["id"] in ("unreadable", "missing_audio")]
+    (tmp_path / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "vocab.txt").write_text((bad_dir / "vocab.txt").read_text())
+    loader = build_loader(tmp_path, "train", 1, backend="pyav", num_workers=0, train=False)
+    with pytest.raises(RuntimeError, match="2 consecutive records from index 0 could not be decoded"):
+        next(iter(loader))
+
+
+def test_build_loader_errors_name_the_problem(synthetic_dir, tmp_path):  # noqa: F811
+    with pytest.raises(ValueError, match=r"split 'test' .* splits present: \['train', 'val'\]"):
+        build_loader(synthetic_dir, "test", 2, backend="pyav")
+    (tmp_path / "manifest.jsonl").write_text((synthetic_dir / "manifest.jsonl").read_text() + "{not json\n")
+    with pytest.raises(ValueError, match=r"manifest\.jsonl:17: not valid JSON"):
+        build_loader(tmp_path, "train", 2, backend="pyav")
+    small = get_config("tiny", vocab_size=8)
+    with pytest.raises(ValueError, match="vocab_size=8"):
+        build_loader(synthetic_dir, "train", 2, preset=small, backend="pyav")
+
+
+def test_spec_overrides_reach_the_batch(synthetic_dir):  # noqa: F811
+    loader = build_loader(synthetic_dir, "val", 2, backend="pyav", num_workers=0, num_frames=6, frame_size=24,
+                          audio_sample_rate=16_000, num_captions=3, caption_len=5)
+    (batch,) = _take(loader, 1)
+    assert batch["video"].shape == (2, 6, 24, 24, 3) and batch["audio"].shape == (2, 9600)
+    assert batch["text"].shape == (2, 3, 5) and batch["text_mask"].shape == (2, 3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned memory and device copies need CUDA")
+def test_pinned_batches_and_device(synthetic_dir):  # noqa: F811
+    loader = build_loader(synthetic_dir, "val", 2, backend="pyav", num_workers=0)
+    (batch,) = _take(loader, 1)
+    assert batch["video"].is_pinned()
+    loader = build_loader(synthetic_dir, "val", 2, backend="pyav", num_workers=0, device="cuda")
+    (batch,) = _take(loader, 1)
+    assert batch["video"].device.type == "cuda"

@@ -1,0 +1,201 @@
+"""Clip sampling: geometry, determinism, caption choice, sharding, and time alignment of
+frames, audio and captions in decoded clips."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from data_fixtures import NUMBER_WORDS, timed_audio, timed_dir, timed_level  # noqa: F401
+from vatt_fast.data.manifest import Caption, VideoRecord, read_manifest
+from vatt_fast.data.pyav_loader import decode_with_pyav, resample_audio
+from vatt_fast.data.sampler import ClipSampler, ClipSpec, ShardedSchedule, resized_size, select_captions
+from vatt_fast.data.vocab import Vocabulary
+from vatt_fast.models.config import get_config
+
+
+def _record(duration=6.3, captions=(), width=70, height=44, label=None):
+    return VideoRecord("r", "/nowhere/r.webm", "/nowhere/r.flac", duration, list(captions), label,
+                       width=width, height=height)
+
+
+VOCAB = Vocabulary.build(["alpha beta gamma delta", "epsilon zeta eta theta iota"], max_size=32)
+
+
+def test_clip_spec_follows_the_preset():
+    for name in ("tiny", "medium"):
+        cfg = get_config(name)
+        spec = ClipSpec.from_preset(name)
+        assert (spec.num_frames, spec.fps, spec.frame_size) == (cfg.num_frames, cfg.fps, cfg.frame_size)
+        assert spec.audio_sample_rate == cfg.audio_sample_rate and spec.audio_samples == cfg.audio_samples
+        assert (spec.num_captions, spec.caption_len) == (cfg.num_captions, cfg.caption_len)
+        assert spec.resize_to >= spec.frame_size
+    assert ClipSpec.from_preset("medium").resize_to == 256
+    spec = ClipSpec.from_preset("tiny", num_frames=12, audio_sample_rate=16_000)
+    assert spec.audio_samples == 12 * 1600
+    with pytest.raises(TypeError, match="unknown ClipSpec field"):
+        ClipSpec.from_preset("tiny", frames=3)
+    with pytest.raises(ValueError, match="resize_to"):
+        ClipSpec.from_preset("tiny", resize_to=20)
+
+
+@pytest.mark.parametrize("h,w,short,expected", [(48, 64, 37, (37, 49)), (64, 48, 37, (49, 37)),
+                                                (256, 455, 256, (256, 455)), (7, 7, 9, (9, 9))])
+def test_resized_size(h, w, short, expected):
+    assert resized_size(h, w, short) == expected
+
+
+def test_plans_are_deterministic_and_random_where_they_should_be():
+    spec = ClipSpec.from_preset("tiny")
+    rec = _record()
+    s1, s2 = ClipSampler(spec, VOCAB, train=True, seed=5), ClipSampler(spec, VOCAB, train=True, seed=5)
+    a, b = s1.plan(rec, 3, epoch=2), s2.plan(rec, 3, epoch=2)
+    assert (a.frame_indices, a.crop, a.flip) == (b.frame_indices, b.crop, b.flip)
+    draws = {(p.frame_indices[0], p.crop, p.flip) for p in (s1.plan(rec, 3, epoch=e) for e in range(40))}
+    assert len(draws) > 20
+    n = math.floor(6.3 * 10)
+    rh, rw = resized_size(44, 70, spec.resize_to)
+    for e in range(40):
+        p = s1.plan(rec, 7, epoch=e)
+        assert p.frame_indices == list(range(p.frame_indices[0], p.frame_indices[0] + 8))
+        assert 0 <= p.frame_indices[0] <= n - 8
+        y, x, size = p.crop
+        assert size == 32 and 0 <= y <= rh - 32 and 0 <= x <= rw - 32 and p.resized == (rh, rw)
+        assert p.audio_start == pytest.approx(p.frame_indices[0] / 10) and p.audio_length == pytest.approx(0.8)
+    ev = ClipSampler(spec, VOCAB, train=False, seed=5)
+    p, q = ev.plan(rec, 3, epoch=0), ev.plan(rec, 9, epoch=4)
+    assert p.frame_indices == q.frame_indices == list(range((n - 8) // 2, (n - 8) // 2 + 8))
+    assert p.crop == ((rh - 32) // 2, (rw - 32) // 2, 32) and not p.flip
+
+
+def test_short_video_plan_repeats_the_last_frame():
+    spec = ClipSpec.from_preset("tiny")
+    p = ClipSampler(spec, VOCAB, train=True, seed=0).plan(_record(duration=0.5), 0)
+    assert p.short and p.frame_indices == [0, 1, 2, 3, 4, 4, 4, 4] and p.start_time == 0.0
+
+
+def _brute_force_nearest(captions, t0, t1, k):
+    out = []
+    for c in captions:
+        if not Vocabulary.words(c.text):
+            continue
+        gap = 0.0 if (c.start < t1 and c.end > t0) or (c.start == c.end and t0 <= c.start < t1) else min(
+            abs(c.start - t1), abs(t0 - c.end))
+        overlap = max(0.0, min(c.end, t1) - max(c.start, t0))
+        out.append((gap, -overlap, c.start, c.end, c.text))
+    return [x[-1] for x in sorted(out)[:k]]
+
+
+def test_caption_choice_against_brute_force():
+    rng = np.random.default_rng()
+    for _ in range(50):
+        caps = []
+        for i in range(int(rng.integers(0, 9))):
+            s = float(np.round(rng.uniform(0, 20), 2))
+            caps.append(Caption(s, s + float(np.round(rng.uniform(0, 4), 2)), f"cap {i}" if rng.random() > 0.1 else "!"))
+        t0 = float(np.round(rng.uniform(0, 18), 1))
+        k = int(rng.integers(1, 6))
+        got = [c.text for c in select_captions(caps, t0, t0 + 3.2, k)]
+        assert got == _brute_force_nearest(caps, t0, t0 + 3.2, k)
+
+
+def test_plan_text_and_mask():
+    spec = ClipSpec.from_preset("tiny", num_captions=3, caption_len=4)
+    caps = [Caption(0.0, 1.0, "alpha beta"), Caption(5.0, 6.0, "gamma delta epsilon zeta eta"),
+            Caption(2.0, 2.5, "?!")]
+    p = ClipSampler(spec, VOCAB, train=False, seed=0).plan(_record(duration=2.0, captions=caps), 0)
+    # window [0.6, 1.4): overlaps "alpha beta"; next nearest is the 5 s caption; "?!" has no words
+    assert p.text.dtype == np.int64 and p.text.shape == (3, 4)
+    assert p.text[0].tolist() == VOCAB.encode("alpha beta", 4)
+    assert p.text[1].tolist() == VOCAB.encode("gamma delta epsilon zeta", 4)
+    assert p.text[2].tolist() == [0, 0, 0, 0]
+    assert p.text_mask.tolist() == [True, True, False]
+    p = ClipSampler(spec, VOCAB, train=True, seed=0).plan(_record(captions=[]), 0)
+    assert not p.text_mask.any() and not p.text.any()
+
+
+@pytest.mark.parametrize("n,world,batch", [(37, 3, 4), (10, 4, 2), (8, 1, 3), (5, 2, 1)])
+def test_schedule_shards_are_disjoint_and_cover(n, world, batch):
+    for epoch in (0, 3):
+        train = [ShardedSchedule(n, batch, train=True, seed=11, rank=r, world_size=world, drop_last=True)
+                 for r in range(world)]
+        shards = [s.epoch_indices(epoch) for s in train]
+        flat = np.concatenate(shards)
+        assert len(set(flat.tolist())) == len(flat) == (n // world) * world
+        assert len({s.batches_per_epoch for s in train}) == 1
+        assert train[0].batches_per_epoch == (n // world) // batch
+        ev = [ShardedSchedule(n, batch, train=False, rank=r, world_size=world) for r in range(world)]
+        flat = np.concatenate([s.epoch_indices(epoch) for s in ev])
+        assert sorted(flat.tolist()) == list(range(n))
+        for s in ev:
+            got = [i for _, _, idx in s.iterate() for i in idx.tolist()]
+            assert got == s.epoch_indices(0).tolist()
+    a = ShardedSchedule(n, batch, train=True, seed=11, world_size=1).epoch_indices(0)
+    b = ShardedSchedule(n, batch, train=True, seed=11, world_size=1).epoch_indices(1)
+    assert sorted(a.tolist()) == sorted(b.tolist()) == list(range(n)) and a.tolist() != b.tolist()
+
+
+def test_schedule_errors_name_the_values():
+    with pytest.raises(ValueError, match="fewer than one batch of 8"):
+        ShardedSchedule(10, 8, train=True, world_size=2, drop_last=True)
+    with pytest.raises(ValueError, match="rank=2, world_size=2"):
+        ShardedSchedule(10, 2, train=True, rank=2, world_size=2)
+    s = ShardedSchedule(10, 2, train=True)
+    with pytest.raises(ValueError, match="batch_size: saved 3, here 2"):
+        s.check_identity({**s.identity(), "batch_size": 3})
+
+
+@pytest.mark.parametrize("orig,new", [(48_000, 8_000), (48_000, 16_000), (44_100, 8_000), (8_000, 11_025)])
+def test_resample_matches_band_limited_signal(orig, new):
+    rng = np.random.default_rng()
+    freqs = rng.uniform(50, 0.4 * min(orig, new), size=3)
+    n = int(rng.integers(9000, 12000))
+
+    def signal(t):
+        return sum(np.sin(2 * np.pi * f * t + i) for i, f in enumerate(freqs)) / 3
+
+    y = resample_audio(signal(np.arange(n) / orig).astype(np.float32), orig, new)
+    assert y.dtype == np.float32 and y.shape == (math.ceil(n * new / orig),)
+    t = np.arange(y.shape[0]) / new
+    inner = (t > 0.01) & (t < n / orig - 0.01)
+    assert np.abs(y[inner] - signal(t[inner])).max() < 0.02
+
+
+# --- time alignment on decoded clips --------------------------------------------------
+def test_frames_audio_and_captions_line_up(timed_dir):  # noqa: F811
+    (rec,) = [r for r in read_manifest(timed_dir) if r.id == "long"]
+    vocab = Vocabulary.load(timed_dir)
+    spec = ClipSpec.from_preset("tiny", num_captions=2)
+    sampler = ClipSampler(spec, vocab, train=True, seed=1)
+    starts = set()
+    for epoch in range(6):
+        plan = sampler.plan(rec, 0, epoch)
+        starts.add(plan.frame_indices[0])
+        video, audio = decode_with_pyav(plan, spec)
+        assert video.shape == (8, 32, 32, 3) and video.dtype == np.uint8
+        levels = video.reshape(8, -1).mean(axis=1)
+        np.testing.assert_allclose(levels, timed_level(plan.frame_indices), atol=3.0)
+        t = plan.audio_start + np.arange(spec.audio_samples) / spec.audio_sample_rate
+        assert audio.shape == (6400,) and audio.dtype == np.float32
+        inner = t < rec.duration - 0.02
+        np.testing.assert_allclose(audio[inner], timed_audio(t[inner]), atol=2e-3)
+        # the caption of the second holding the window's middle comes first
+        mid = int((plan.start_time + 0.4) // 1)
+        words = vocab.decode(plan.text[0]).split()
+        assert words == ["second", NUMBER_WORDS[mid]] or (plan.start_time + 0.4) % 1 == 0
+        assert plan.text_mask.all()
+    assert len(starts) >= 4
+
+
+def test_short_video_pads_frames_and_audio(timed_dir):  # noqa: F811
+    (rec,) = [r for r in read_manifest(timed_dir) if r.id == "short"]
+    spec = ClipSpec.from_preset("tiny")
+    plan = ClipSampler(spec, Vocabulary.load(timed_dir), train=False).plan(rec, 0)
+    video, audio = decode_with_pyav(plan, spec)
+    levels = video.reshape(8, -1).mean(axis=1)
+    np.testing.assert_allclose(levels, timed_level([0, 1, 2, 3, 4, 4, 4, 4]), atol=3.0)
+    t = np.arange(spec.audio_samples) / spec.audio_sample_rate
+    np.testing.assert_allclose(audio[(t > 0.02) & (t < 0.48)], timed_audio(t[(t > 0.02) & (t < 0.48)]), atol=2e-3)
+    assert np.abs(audio[t > 0.52]).max() < 4e-3

@@ -1,0 +1,418 @@
+"""Embedding layers: VideoPatchEmbed, AudioPatchEmbed, TextEmbed, DropToken.
+
+Independent computations: ``nn.Conv3d`` / ``nn.Conv1d`` on the explicitly normalised input,
+position tables summed / interpolated with explicit loops, plain indexing for the text table.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vatt_fast.nn.embed import AudioPatchEmbed, DropToken, TextEmbed, VideoPatchEmbed, interpolate_pos_table
+
+
+# --------------------------------------------------------------------------------------
+# independent helpers
+# --------------------------------------------------------------------------------------
+def lerp_table(table: torch.Tensor, length: int) -> torch.Tensor:
+    """Linear resampling with align_corners=False, written out index by index."""
+    L = table.shape[0]
+    rows = []
+    for i in range(length):
+        src = max((i + 0.5) * L / length - 0.5, 0.0)
+        i0 = min(int(math.floor(src)), L - 1)
+        i1 = min(i0 + 1, L - 1)
+        lam = src - i0
+        rows.append((1 - lam) * table[i0] + lam * table[i1])
+    return torch.stack(rows)
+
+
+def summed_pos(e_t, e_h, e_w):
+    """pos[(i * Hp + j) * Wp + k] = e_t[i] + e_h[j] + e_w[k], with loops."""
+    rows = []
+    for i in range(e_t.shape[0]):
+        for j in range(e_h.shape[0]):
+            for k in range(e_w.shape[0]):
+                rows.append(e_t[i] + e_h[j] + e_w[k])
+    return torch.stack(rows)
+
+
+def conv3d_reference(layer: VideoPatchEmbed, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """A plain nn.Conv3d holding the layer's weights, on x / 127.5 - 1, plus pos."""
+    conv = nn.Conv3d(layer.in_chans, layer.embed_dim, layer.patch_size, stride=layer.patch_size)
+    conv = conv.to(device=x.device, dtype=layer.proj.weight.dtype)
+    conv.load_state_dict(layer.proj.state_dict())
+    normalised = x.to(conv.weight.dtype) / 127.5 - 1.0
+    out = conv(normalised.permute(0, 4, 1, 2, 3))  # (B, D, Tp, Hp, Wp)
+    return out.flatten(2).transpose(1, 2) + pos  # (B, N, D)
+
+
+def gather_tokens(full, keep):
+    if keep.dim() == 1:
+        return full[:, keep]
+    return torch.stack([full[b, keep[b]] for b in range(full.shape[0])])
+
+
+def video(shape, dtype, device):
+    if dtype == torch.uint8:
+        return torch.randint(0, 256, shape, dtype=torch.uint8, device=device)
+    return torch.rand(shape, dtype=dtype, device=device) * 255
+
+
+# --------------------------------------------------------------------------------------
+# VideoPatchEmbed
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("in_dtype", [torch.uint8, torch.float32], ids=["uint8", "float32"])
+def test_video_patch_embed_matches_conv3d(device, in_dtype):
+    layer = VideoPatchEmbed(patch_size=(2, 8, 8), in_chans=3, embed_dim=40, grid_size=(3, 3, 3)).to(device)
+    x = video((2, 6, 24, 24, 3), in_dtype, device)
+    out = layer(x)
+    pos = summed_pos(layer.pos_embed_t, layer.pos_embed_h, layer.pos_embed_w)
+    ref = conv3d_reference(layer, x, pos)
+    assert out.shape == (2, 27, 40) and out.dtype == torch.float32
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(layer.position_embedding(), pos, rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("per_sample", [False, True], ids=["shared", "per_sample"])
+def test_video_patch_embed_keep(device, per_sample):
+    layer = VideoPatchEmbed(patch_size=(2, 8, 8), in_chans=3, embed_dim=40, grid_size=(3, 3, 2)).to(device)
+    x = video((3, 6, 24, 16, 3), torch.uint8, device)
+    drop = DropToken(rate=0.5, per_sample=per_sample)
+    keep = drop.sample_keep(3, 18, device)
+    assert keep.shape == ((3, 9) if per_sample else (9,))
+    torch.testing.assert_close(layer(x, keep=keep), gather_tokens(layer(x), keep), rtol=1e-5, atol=1e-5)
+
+
+def conv3d_via_functional(layer: VideoPatchEmbed, x: torch.Tensor) -> torch.Tensor:
+    """F.conv3d with the layer's own parameters (so gradients reach them) on x / 127.5 - 1."""
+    normalised = x.to(layer.proj.weight.dtype) / 127.5 - 1.0
+    out = F.conv3d(normalised.permute(0, 4, 1, 2, 3), layer.proj.weight, layer.proj.bias, stride=layer.patch_size)
+    return out.flatten(2).transpose(1, 2)  # (B, N, D)
+
+
+@pytest.mark.parametrize("per_sample", [None, False, True], ids=["all", "shared", "per_sample"])
+def test_video_patch_embed_gradients_match_conv3d(device, per_sample):
+    layer = VideoPatchEmbed(patch_size=(2, 5, 5), in_chans=3, embed_dim=9, grid_size=(2, 2, 3)).to(device).double()
+    x = video((2, 4, 10, 15, 3), torch.uint8, device)
+    keep = None if per_sample is None else DropToken(0.5, per_sample=per_sample).sample_keep(2, 12, device)
+    params = [layer.proj.weight, layer.proj.bias, layer.pos_embed_t, layer.pos_embed_h, layer.pos_embed_w]
+    out = layer(x, keep=keep)
+    ref = conv3d_via_functional(layer, x) + summed_pos(layer.pos_embed_t, layer.pos_embed_h, layer.pos_embed_w)
+    if keep is not None:
+        ref = gather_tokens(ref, keep)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    grad_out = torch.randn_like(out)
+    got = torch.autograd.grad(out, params, grad_out)
+    want = torch.autograd.grad(ref, params, grad_out)
+    for name, g, r in zip(("proj.weight", "proj.bias", "pos_embed_t", "pos_embed_h", "pos_embed_w"), got, want):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10, msg=lambda m, n=name: f"grad {n}: {m}")
+        assert g.abs().sum() > 0, name
+
+
+def test_video_patch_embed_interpolates_pos_tables(device):
+    layer = VideoPatchEmbed(patch_size=(2, 4, 4), in_chans=3, embed_dim=12, grid_size=(3, 4, 5)).to(device)
+    x = video((2, 10, 12, 8, 3), torch.uint8, device)  # grid (5, 3, 2): every table resized
+    out = layer(x)
+    e_t = lerp_table(layer.pos_embed_t, 5)
+    e_h = lerp_table(layer.pos_embed_h, 3)
+    e_w = lerp_table(layer.pos_embed_w, 2)
+    ref = conv3d_reference(layer, x, summed_pos(e_t, e_h, e_w))
+    assert out.shape == (2, 30, 12)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    # Gradients reach the stored tables through the interpolation.
+    grads = torch.autograd.grad(out.sum(), [layer.pos_embed_t, layer.pos_embed_h, layer.pos_embed_w])
+    assert all(g.abs().sum() > 0 for g in grads)
+
+
+def test_interpolate_pos_table_identity_and_values():
+    table = torch.randn(7, 5)
+    assert interpolate_pos_table(table, 7) is table
+    for length in (1, 3, 11):
+        torch.testing.assert_close(interpolate_pos_table(table, length), lerp_table(table, length))
+    with pytest.raises(ValueError, match="to 0 entries"):
+        interpolate_pos_table(table, 0)
+
+
+def test_video_patch_embed_pixel_affine_options():
+    x = video((1, 2, 8, 8, 3), torch.float32, "cpu")
+    raw = VideoPatchEmbed(patch_size=(2, 4, 4), embed_dim=6, grid_size=(1, 2, 2), pixel_scale=None, pixel_shift=None)
+    normalised_input = x / 127.5 - 1.0
+    std = VideoPatchEmbed(patch_size=(2, 4, 4), embed_dim=6, grid_size=(1, 2, 2))
+    std.load_state_dict(raw.state_dict())
+    # Raw pixels through the default affine == normalised pixels with the affine switched off.
+    torch.testing.assert_close(std(x), raw(normalised_input), rtol=1e-5, atol=1e-5)
+    # Per-channel (ImageNet-style) normalisation.
+    mean, sd = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    per_channel = VideoPatchEmbed(
+        patch_size=(2, 4, 4), embed_dim=6, grid_size=(1, 2, 2),
+        pixel_scale=[1 / (255 * s) for s in sd], pixel_shift=[-m / s for m, s in zip(mean, sd)],
+    )
+    per_channel.load_state_dict(raw.state_dict())
+    expected = raw((x / 255 - torch.tensor(mean)) / torch.tensor(sd))
+    torch.testing.assert_close(per_channel(x), expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="pixel_scale must be a float or 3 floats.*got 2 values"):
+        VideoPatchEmbed(pixel_scale=[1.0, 2.0])
+
+
+def test_video_patch_embed_low_precision_module_keeps_exact_affine():
+    layer = VideoPatchEmbed(patch_size=(2, 8, 8), embed_dim=32, grid_size=(2, 2, 2))
+    x = video((2, 4, 16, 16, 3), torch.uint8, "cpu")
+    ref = conv3d_reference(layer.double(), x, layer.position_embedding())
+    layer = layer.float()
+    low = layer.to(torch.bfloat16)
+    out = low(x)
+    assert out.dtype == torch.bfloat16
+    # Parity rule: no worse than twice what plain bf16 Conv3d gets on the normalised video.
+    w = low.proj.weight
+    torch_low = F.conv3d(((x.float() / 127.5 - 1).bfloat16()).permute(0, 4, 1, 2, 3).float(), w.float(),
+                         low.proj.bias.float(), stride=(2, 8, 8)).bfloat16().flatten(2).transpose(1, 2)
+    torch_low = torch_low + low.position_embedding()
+    err = (out.double() - ref).abs().max().item()
+    base = (torch_low.double() - ref).abs().max().item()
+    assert err <= 2 * base + 1e-3, (err, base)
+
+
+def test_video_patch_embed_autocast_dtype():
+    layer = VideoPatchEmbed(patch_size=(2, 8, 8), embed_dim=16, grid_size=(1, 2, 2))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(video((1, 2, 16, 16, 3), torch.uint8, "cpu"))
+    assert out.dtype == torch.bfloat16
+
+
+def test_video_patch_embed_state_dict():
+    layer = VideoPatchEmbed(patch_size=(2, 8, 8), in_chans=3, embed_dim=40, grid_size=(3, 3, 3))
+    assert set(layer.state_dict()) == {"proj.weight", "proj.bias", "pos_embed_t", "pos_embed_h", "pos_embed_w"}
+    assert layer.pos_embed_t.shape == (3, 40) and layer.proj.weight.shape == (40, 3, 2, 8, 8)
+    clone = VideoPatchEmbed(patch_size=(2, 8, 8), in_chans=3, embed_dim=40, grid_size=(3, 3, 3))
+    clone.load_state_dict(layer.state_dict())
+    x = video((1, 6, 24, 24, 3), torch.uint8, "cpu")
+    torch.testing.assert_close(clone(x), layer(x), rtol=0, atol=0)
+    # A plain Conv3d's weights load into proj (and back).
+    conv = nn.Conv3d(3, 40, (2, 8, 8), stride=(2, 8, 8))
+    layer.proj.load_state_dict(conv.state_dict())
+    torch.testing.assert_close(layer.proj.weight, conv.weight, rtol=0, atol=0)
+    conv2 = nn.Conv3d(3, 40, (2, 8, 8), stride=(2, 8, 8))
+    conv2.load_state_dict(layer.proj.state_dict())
+    torch.testing.assert_close(conv2.bias, conv.bias, rtol=0, atol=0)
+
+
+def test_position_tables_init():
+    layer = VideoPatchEmbed(embed_dim=256, grid_size=(8, 14, 14))
+    for table in (layer.pos_embed_t, layer.pos_embed_h, layer.pos_embed_w):
+        assert table.abs().max() <= 2 * 0.02 + 1e-6  # truncated at two standard deviations
+        assert 0.01 < table.std().item() < 0.03
+
+
+BAD_VIDEO = [
+    (dict(x=torch.zeros(2, 5, 16, 16, 3, dtype=torch.uint8)), r"patch size 2 does not divide frames T=5"),
+    (dict(x=torch.zeros(2, 4, 16, 12, 3, dtype=torch.uint8)), r"patch size 8 does not divide width W=12"),
+    (dict(x=torch.zeros(2, 4, 16, 16, dtype=torch.uint8)), r"expects video \[B, T, H, W, C=3\], got \(2, 4, 16, 16\)"),
+    (dict(x=torch.zeros(2, 4, 16, 16, 1, dtype=torch.uint8)), r"x has 1 channels.*expects C=3"),
+    (dict(keep=torch.tensor([0, 8])), r"keep holds token index 8 but there are 8 tokens"),
+]
+
+
+@pytest.mark.parametrize("override,message", BAD_VIDEO)
+def test_video_patch_embed_bad_inputs(override, message):
+    layer = VideoPatchEmbed(patch_size=(2, 8, 8), embed_dim=8, grid_size=(2, 2, 2))
+    args = dict(x=torch.zeros(2, 4, 16, 16, 3, dtype=torch.uint8), keep=None)
+    args.update(override)
+    with pytest.raises(ValueError, match=message):
+        layer(**args)
+
+
+def test_impl_triton_and_invalid_impl():
+    layer = VideoPatchEmbed(patch_size=(2, 8, 8), embed_dim=8, grid_size=(1, 1, 1), impl="triton")
+    with pytest.raises(NotImplementedError, match="patch_embed lands in a later release"):
+        layer(torch.zeros(1, 2, 8, 8, 3, dtype=torch.uint8))
+    with pytest.raises(NotImplementedError, match="lands in a later release"):
+        AudioPatchEmbed(patch_size=4, embed_dim=8, num_patches=2, impl="triton")(torch.zeros(1, 8))
+    with pytest.raises(ValueError, match=r"impl='cuda' is not one of"):
+        VideoPatchEmbed(impl="cuda")
+    with pytest.raises(ValueError, match=r"impl='fast'"):
+        DropToken(impl="fast")
+
+
+# --------------------------------------------------------------------------------------
+# AudioPatchEmbed
+# --------------------------------------------------------------------------------------
+def test_audio_patch_embed_matches_conv1d(device):
+    layer = AudioPatchEmbed(patch_size=16, embed_dim=24, num_patches=13).to(device)
+    wave = torch.randn(3, 13 * 16, device=device)
+    conv = nn.Conv1d(1, 24, 16, stride=16).to(device)
+    conv.load_state_dict(layer.proj.state_dict())
+    ref = conv(wave.unsqueeze(1)).transpose(1, 2) + layer.pos_embed
+    out = layer(wave)
+    assert out.shape == (3, 13, 24)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    keep = DropToken(0.5).sample_keep(3, 13, device)
+    torch.testing.assert_close(layer(wave, keep=keep), ref[:, keep], rtol=1e-5, atol=1e-5)
+    keep = DropToken(0.3, per_sample=True).sample_keep(3, 13, device)
+    torch.testing.assert_close(layer(wave, keep=keep), gather_tokens(ref, keep), rtol=1e-5, atol=1e-5)
+    grad_out = torch.randn_like(out)
+    got = torch.autograd.grad(out, [layer.proj.weight, layer.proj.bias, layer.pos_embed], grad_out)
+    want = torch.autograd.grad(ref, [conv.weight, conv.bias], grad_out)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got[2], grad_out.sum(0), rtol=1e-5, atol=1e-5)
+
+
+def test_audio_patch_embed_interpolates_and_state_dict():
+    layer = AudioPatchEmbed(patch_size=8, embed_dim=6, num_patches=10)
+    assert set(layer.state_dict()) == {"proj.weight", "proj.bias", "pos_embed"}
+    wave = torch.randn(2, 7 * 8)
+    conv = nn.Conv1d(1, 6, 8, stride=8)
+    conv.load_state_dict(layer.proj.state_dict())
+    ref = conv(wave.unsqueeze(1)).transpose(1, 2) + lerp_table(layer.pos_embed, 7)
+    torch.testing.assert_close(layer(wave), ref, rtol=1e-5, atol=1e-5)
+    clone = AudioPatchEmbed(patch_size=8, embed_dim=6, num_patches=10)
+    clone.load_state_dict(layer.state_dict())
+    torch.testing.assert_close(clone(wave), layer(wave), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "wave,message",
+    [
+        (torch.randn(2, 100), r"waveform length S=100 is not a multiple of patch_size 16.*96 or 112"),
+        (torch.randn(2, 1, 64), r"expects a waveform \[B, S\], got \(2, 1, 64\)"),
+        (torch.zeros(2, 64, dtype=torch.int16), r"waveform x must be floating point, got dtype torch.int16"),
+    ],
+)
+def test_audio_patch_embed_bad_inputs(wave, message):
+    with pytest.raises(ValueError, match=message):
+        AudioPatchEmbed(patch_size=16, embed_dim=4, num_patches=4)(wave)
+
+
+# --------------------------------------------------------------------------------------
+# TextEmbed
+# --------------------------------------------------------------------------------------
+def test_text_embed_lookup(device):
+    layer = TextEmbed(vocab_size=53, embed_dim=12).to(device)
+    ids = torch.randint(0, 53, (3, 2, 7), device=device)
+    out = layer(ids)
+    assert out.shape == (3, 2, 7, 12)
+    torch.testing.assert_close(out, layer.word_embedding.weight[ids], rtol=0, atol=0)
+    assert set(layer.state_dict()) == {"word_embedding.weight"}
+    assert torch.all(layer.word_embedding.weight[0] == 0)  # padding row
+
+
+def test_text_embed_word_table_then_dense(device):
+    layer = TextEmbed(vocab_size=41, embed_dim=16, word_dim=5).to(device)
+    assert set(layer.state_dict()) == {"word_embedding.weight", "proj.weight", "proj.bias"}
+    ids = torch.randint(0, 41, (4, 9), device=device)
+    table, w, b = layer.word_embedding.weight, layer.proj.weight, layer.proj.bias
+    torch.testing.assert_close(layer(ids), table[ids] @ w.t() + b, rtol=1e-5, atol=1e-5)
+
+
+def test_text_embed_pretrained_table_and_freezing():
+    layer = TextEmbed(vocab_size=11, embed_dim=8, word_dim=4)
+    assert not layer.frozen
+    table = torch.randn(11, 4)
+    layer.load_pretrained_table(table)
+    assert layer.frozen
+    torch.testing.assert_close(layer.word_embedding.weight, table, rtol=0, atol=0)
+    ids = torch.tensor([[1, 2, 0], [3, 10, 4]])
+    layer(ids).sum().backward()
+    assert layer.word_embedding.weight.grad is None and layer.proj.weight.grad is not None
+    layer.load_pretrained_table(table.numpy(), freeze=False)
+    assert not layer.frozen
+    with pytest.raises(ValueError, match=r"shape \(11, 300\) but this TextEmbed expects \(11, 4\).*word_dim=300"):
+        layer.load_pretrained_table(torch.zeros(11, 300))
+    assert TextEmbed(11, 8, word_dim=4, freeze_word_embedding=True).frozen
+
+
+def test_text_embed_padding_gets_no_gradient():
+    layer = TextEmbed(vocab_size=9, embed_dim=4)
+    layer(torch.tensor([[0, 3, 0, 5]])).pow(2).sum().backward()
+    grad = layer.word_embedding.weight.grad
+    assert torch.all(grad[0] == 0) and grad[3].abs().sum() > 0
+
+
+@pytest.mark.parametrize(
+    "ids,message",
+    [
+        (torch.tensor([[1, 2, 9]]), r"\[0, 8\], got ids from 1 to max id 9 with vocab_size=9"),
+        (torch.tensor([[-1, 2]]), r"got ids from -1 to max id 2 with vocab_size=9"),
+        (torch.tensor([[1.0, 2.0]]), r"expects int64 word ids, got dtype torch.float32"),
+    ],
+)
+def test_text_embed_bad_ids(ids, message):
+    with pytest.raises(ValueError, match=message):
+        TextEmbed(vocab_size=9, embed_dim=4)(ids)
+
+
+# --------------------------------------------------------------------------------------
+# DropToken
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("rate,num_tokens,kept", [(0.5, 1568, 784), (0.5, 1200, 600), (0.5, 13, 6), (0.9, 50, 5), (0.9, 3, 1), (0.1, 50, 45)])
+def test_drop_token_counts(rate, num_tokens, kept):
+    drop = DropToken(rate)
+    assert drop.num_kept(num_tokens) == kept
+    keep = drop.sample_keep(2, num_tokens, "cpu")
+    assert keep.shape == (kept,) and keep.dtype == torch.int64
+    assert keep.unique().numel() == kept and keep.min() >= 0 and keep.max() < num_tokens
+
+
+def test_drop_token_forward_shared_and_per_sample(device):
+    x = torch.randn(4, 64, 6, device=device)
+    shared, keep = DropToken(0.5)(x)
+    assert keep.shape == (32,) and shared.shape == (4, 32, 6)
+    torch.testing.assert_close(shared, x[:, keep], rtol=0, atol=0)
+    per, keep = DropToken(0.25, per_sample=True)(x)
+    assert keep.shape == (4, 48) and per.shape == (4, 48, 6)
+    for b in range(4):
+        assert keep[b].unique().numel() == 48
+        torch.testing.assert_close(per[b], x[b, keep[b]], rtol=0, atol=0)
+    # Independent draws per sample (identical rows have probability ~ 1 / 64!).
+    assert any(not torch.equal(keep[0], keep[b]) for b in range(1, 4))
+
+
+def test_drop_token_eval_and_zero_rate_are_identity():
+    x = torch.randn(2, 10, 3)
+    drop = DropToken(0.5).eval()
+    out, keep = drop(x)
+    assert out is x and keep is None
+    assert drop.sample_keep(2, 10, "cpu") is None
+    out, keep = DropToken(0.0)(x)
+    assert out is x and keep is None
+
+
+def test_drop_token_deterministic_under_manual_seed():
+    drop = DropToken(0.5, per_sample=True)
+    torch.manual_seed(123)
+    a = drop.sample_keep(3, 40, "cpu")
+    torch.manual_seed(123)
+    b = drop.sample_keep(3, 40, "cpu")
+    c = drop.sample_keep(3, 40, "cpu")
+    assert torch.equal(a, b) and not torch.equal(b, c)
+    shared = DropToken(0.5)
+    torch.manual_seed(7)
+    s1 = shared.sample_keep(3, 40, "cpu")
+    torch.manual_seed(7)
+    assert torch.equal(s1, shared.sample_keep(3, 40, "cpu"))
+
+
+def test_drop_token_gradient_reaches_kept_tokens_only():
+    x = torch.randn(2, 12, 3, requires_grad=True)
+    out, keep = DropToken(0.5)(x)
+    out.sum().backward()
+    mask = torch.zeros(12, dtype=torch.bool)
+    mask[keep] = True
+    assert torch.all(x.grad[:, mask] == 1) and torch.all(x.grad[:, ~mask] == 0)
+
+
+@pytest.mark.parametrize("rate", [1.0, -0.1, 1.5])
+def test_drop_token_bad_rate(rate):
+    with pytest.raises(ValueError, match=rf"rate must be in \[0, 1\), got {rate}"):
+        DropToken(rate)
+
+
+def test_drop_token_bad_input():
+    with pytest.raises(ValueError, match=r"tokens \[B, N, D\], got shape \(2, 10\)"):
+        DropToken(0.5)(torch.randn(2, 10))

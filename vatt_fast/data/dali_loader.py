@@ -1,0 +1,423 @@
+"""DALI backend: clip plans executed by NVIDIA DALI pipelines (GPU decoding when CUDA is there).
+
+The loader has the API of :class:`vatt_fast.data.pyav_loader.PyAVLoader` (see
+``build_loader``) and executes the very same :class:`~vatt_fast.data.sampler.ClipPlan` s,
+so both backends give the same clips for the same seed:
+
+* a Python ``fn.external_source`` walks the shared :class:`ShardedSchedule`, draws each
+  record's plan with the shared :class:`ClipSampler`, and feeds per sample: the encoded video
+  file bytes, the plan's frame indices, the crop/flip as a resize region of interest, the FLAC
+  bytes and the audio start sample;
+* ``fn.decoders.video`` decodes exactly those frames (``device="mixed"``: NVDEC, VP9/H.264/HEVC;
+  ``device="cpu"``: libavcodec, VP8/VP9/MJPEG only);
+* ``fn.resize`` with an absolute ROI does the short-side resize, the crop and the flip in one
+  pass: crop ``(y, x, size)`` of the frame resized to ``plan.resized = (rh, rw)`` is the source
+  region ``[y * h / rh, (y + size) * h / rh) x [x * w / rw, (x + size) * w / rw)`` resampled to
+  ``size x size`` (linear with antialiasing, like swscale's bilinear); a flip swaps the ROI's x
+  ends. Only the crop's pixels are computed;
+* ``fn.decoders.audio`` decodes the FLAC, mixes down to mono and resamples to the model rate
+  (windowed sinc); ``fn.slice`` cuts ``spec.audio_samples`` samples from
+  ``round(audio_start * rate)``, zero padded past the end.
+
+Outputs are copied out of DALI's buffers (which DALI reuses at the next iteration) into fresh
+torch tensors with ``feed_ndarray``: device to device on the GPU, no host round trip.
+
+Bad data: before a record is fed, a cached probe checks that the video opens, has a video
+stream and enough packets for the window (DALI pads missing frames with black silently), and
+that the audio file exists and covers the window. A failing record is replaced by the next
+one (``index + 1`` ..., as the PyAV backend does) and counted under ``unreadable``,
+``truncated`` or ``missing_audio``; clips kept but padded count as ``short`` / ``no_captions``.
+Should DALI still fail on a batch (corrupt packets inside a file), that batch's records are
+checked with the PyAV reference decoder, the broken ones are marked, the pipeline is rebuilt
+and the batch is produced again.
+
+Cost note: the audio decoder reads each clip's whole FLAC file (DALI's decoder has no seek), so
+for long source videos (HowTo100M averages minutes) audio decoding, not video, bounds the rate;
+the synthetic set and short clips are not affected.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import Counter, deque
+from dataclasses import dataclass
+from typing import Any, Deque, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from vatt_fast.data.manifest import VideoRecord
+from vatt_fast.data.pyav_loader import MAX_REPLACEMENTS, BadSample, decode_with_pyav
+from vatt_fast.data.sampler import ClipPlan, ClipSampler, ClipSpec, ShardedSchedule
+from vatt_fast.data.vocab import Vocabulary
+
+__all__ = ["DALILoader", "CPU_CODECS", "GPU_CODECS", "build_clip_pipeline"]
+
+# Codecs fn.decoders.video reads (DALI 2.4).
+CPU_CODECS = ("vp8", "vp9", "mjpeg")
+GPU_CODECS = ("vp8", "vp9", "mjpeg", "h264", "hevc", "av1", "mpeg4")
+# Same rule as the PyAV backend: a file is truncated when < 95% of the window's audio exists.
+_AUDIO_MIN_COVERAGE = 0.95
+
+
+@dataclass
+class _MediaInfo:
+    """What the probe learnt about one record's files (cached per record)."""
+
+    kind: Optional[str]  # None = usable, else the bad-data kind
+    message: str = ""
+    num_frames: int = 0  # video packets (= frames for the stored layout)
+    codec: str = ""
+    audio_seconds: float = 0.0
+
+
+def _probe(record: VideoRecord) -> _MediaInfo:
+    """Open the record's files without decoding: stream, codec, packet count, audio length."""
+    import av
+    import soundfile as sf
+
+    if not os.path.isfile(record.video):
+        return _MediaInfo("unreadable", f"video file {record.video} does not exist")
+    try:
+        with av.open(record.video) as c:
+            if not c.streams.video:
+                return _MediaInfo("unreadable", f"{record.video} has no video stream")
+            stream = c.streams.video[0]
+            codec = stream.codec_context.name
+            n = sum(1 for p in c.demux(stream) if p.size)
+    except (av.FFmpegError, OSError) as e:
+        return _MediaInfo("unreadable", f"cannot read video {record.video}: {e}")
+    if not os.path.isfile(record.audio):
+        return _MediaInfo("missing_audio", f"audio file {record.audio} does not exist")
+    try:
+        info = sf.info(record.audio)
+    except (RuntimeError, OSError) as e:  # soundfile raises LibsndfileError (a RuntimeError)
+        return _MediaInfo("unreadable", f"cannot read audio {record.audio}: {e}")
+    return _MediaInfo(None, num_frames=n, codec=codec, audio_seconds=info.frames / max(1, info.samplerate))
+
+
+def _window_problem(plan: ClipPlan, spec: ClipSpec, info: _MediaInfo) -> Optional[Tuple[str, str]]:
+    """(kind, message) when the probed files cannot give this plan's clip, else None."""
+    last = max(plan.frame_indices)
+    if last >= info.num_frames:
+        return "truncated", (f"{plan.video}: frame {last} of the window is past the {info.num_frames} frames in "
+                             f"the file (file shorter than its manifest duration?)")
+    span_a = plan.audio_start
+    span_b = min(plan.audio_start + plan.audio_length, (last + 1) / spec.fps)
+    if span_b > span_a:
+        covered = max(0.0, min(info.audio_seconds, span_b) - span_a) / (span_b - span_a)
+        if covered < _AUDIO_MIN_COVERAGE:
+            return "truncated", (f"{plan.audio}: only {covered:.0%} of the audio in "
+                                 f"[{span_a:.2f}, {span_b:.2f}) s is present")
+    return None
+
+
+def build_clip_pipeline(source: Any, spec: ClipSpec, batch_size: int, *, gpu: bool, device_id: Optional[int],
+                        num_threads: int, prefetch: int, seed: int):
+    """The DALI pipeline that turns fed bytes + plan parameters into clips.
+
+    ``source`` returns, per batch, six lists (one entry per sample): encoded video bytes
+    (uint8 ``[N]``), frame indices (int32 ``[T]``), ROI start and end (float32 ``[2]``, (y, x)
+    in source pixels), encoded audio bytes (uint8 ``[M]``) and the audio start sample
+    (int32 ``[1]``).
+
+    Returns:
+        A built pipeline with outputs video uint8 ``[T, size, size, 3]`` and audio float32
+        ``[audio_samples]`` per sample (on the GPU when ``gpu``).
+    """
+    from nvidia.dali import fn, pipeline_def, types
+
+    size = spec.frame_size
+
+    @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id,
+                  prefetch_queue_depth=prefetch, seed=seed)
+    def clip_pipeline():
+        video_bytes, frames, roi_start, roi_end, audio_bytes, audio_start = fn.external_source(
+            source=source, num_outputs=6, batch=True)
+        video = fn.decoders.video(video_bytes, frames=frames, device="mixed" if gpu else "cpu")
+        video = fn.resize(video, roi_start=roi_start, roi_end=roi_end, roi_relative=False, size=[size, size],
+                          interp_type=types.INTERP_LINEAR, antialias=True, dtype=types.UINT8)
+        audio, _ = fn.decoders.audio(audio_bytes, downmix=True, sample_rate=float(spec.audio_sample_rate),
+                                     dtype=types.FLOAT)
+        audio = fn.slice(audio, audio_start, np.array([spec.audio_samples], np.int32), axes=[0],
+                         normalized_anchor=False, normalized_shape=False, out_of_bounds_policy="pad")
+        if gpu:
+            audio = audio.gpu()
+        return video, audio
+
+    pipe = clip_pipeline()
+    pipe.build()
+    return pipe
+
+
+class DALILoader:
+    """Loader over a DALI pipeline (see ``build_loader`` for the API and batch contract).
+
+    Args:
+        records: the split's records.
+        spec: clip geometry.
+        vocab: caption vocabulary.
+        batch_size: clips per batch on this rank.
+        train: random clips, infinite iteration, reshuffled every epoch; else one ordered pass.
+        seed: seed of the permutations and of every clip draw (the same plans as PyAV).
+        rank, world_size: this process's shard.
+        drop_last: drop the last incomplete batch of an epoch.
+        num_workers: DALI CPU threads.
+        pin_memory: accepted for API parity (DALI manages its own staging buffers).
+        device: ``"cuda[:i]"`` decodes with NVDEC on that GPU and returns CUDA tensors;
+            ``"cpu"`` uses DALI's CPU decoder (VP8/VP9/MJPEG only). ``None``: the current CUDA
+            device when CUDA is available, else the CPU.
+        bad_data: initial counts (e.g. ``bad_manifest_line`` from reading the manifest).
+        prefetch_factor: batches DALI prepares ahead.
+    """
+
+    backend = "dali"
+
+    def __init__(
+        self,
+        records: Sequence[VideoRecord],
+        spec: ClipSpec,
+        vocab: Vocabulary,
+        batch_size: int,
+        *,
+        train: bool,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        drop_last: bool = False,
+        num_workers: int = 2,
+        pin_memory: bool = False,
+        device: Optional[torch.device] = None,
+        bad_data: Optional[Dict[str, int]] = None,
+        prefetch_factor: int = 2,
+    ) -> None:
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        if not records:
+            raise ValueError("DALILoader needs at least one record; the split is empty")
+        if device is None:
+            device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+        self.device = torch.device(device) if device is not None else None
+        self.gpu = self.device is not None and self.device.type == "cuda"
+        if self.gpu and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.spec = spec
+        self.train = bool(train)
+        self.seed = int(seed)
+        self.num_threads = max(1, int(num_workers))
+        self.pin_memory = bool(pin_memory)
+        self.prefetch = max(1, int(prefetch_factor))
+        self.records = list(records)
+        self.with_label = any(r.label is not None for r in self.records)
+        self.sampler = ClipSampler(spec, vocab, train=train, seed=seed)
+        self.schedule = ShardedSchedule(len(self.records), batch_size, train=train, seed=seed, rank=rank,
+                                        world_size=world_size, drop_last=drop_last)
+        self._epoch, self._batch = 0, 0
+        self._bad: Counter = Counter(bad_data or {})
+        self._media: Dict[int, _MediaInfo] = {}
+        self._broken: Dict[int, Tuple[str, str]] = {}  # records DALI failed on, found by the reference decoder
+        self._pipe: Any = None
+        self._pending: Deque[Dict[str, Any]] = deque()
+
+    # --- the loader API ------------------------------------------------------------
+    def __len__(self) -> int:
+        return self.schedule.batches_per_epoch
+
+    @property
+    def batch_size(self) -> int:
+        return self.schedule.batch_size
+
+    @property
+    def bad_data(self) -> Dict[str, int]:
+        """Counts per kind of bad sample met so far (replaced or padded), plus manifest rows left out."""
+        return dict(self._bad)
+
+    def state_dict(self) -> Dict[str, Any]:
+        """Position of the next batch (epoch, batch) and the bad-data counts."""
+        return {"epoch": self._epoch, "batch": self._batch, "bad_data": dict(self._bad), **self.schedule.identity()}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Continue exactly where ``state`` was taken (the same batches follow)."""
+        self.schedule.check_identity(state)
+        self._shutdown()
+        self._epoch, self._batch = int(state["epoch"]), int(state["batch"])
+        self._bad = Counter(state.get("bad_data", {}))
+
+    def close(self) -> None:
+        """Release the DALI pipeline (and its buffers)."""
+        self._shutdown()
+
+    def __iter__(self) -> Iterator[Dict[str, torch.Tensor]]:
+        self._shutdown()
+        if not self.train and self._batch >= self.schedule.batches_per_epoch:
+            self._epoch, self._batch = self._epoch + 1, 0
+        return self._generate()
+
+    # --- feeding -------------------------------------------------------------------
+    def _media_info(self, i: int) -> _MediaInfo:
+        info = self._media.get(i)
+        if info is None:
+            info = self._media[i] = _probe(self.records[i])
+            if info.kind is None:
+                allowed = GPU_CODECS if self.gpu else CPU_CODECS
+                if info.codec not in allowed:
+                    raise ValueError(
+                        f"{self.records[i].video} is {info.codec}, which DALI's "
+                        f"{'GPU' if self.gpu else 'CPU'} decoder cannot read (it reads {', '.join(allowed)}); "
+                        f"prepare the dataset with --codec vp9, run on a GPU, or use backend='pyav'"
+                    )
+        return info
+
+    def _sample(self, epoch: int, index: int) -> Tuple[ClipPlan, List[str]]:
+        """The plan for ``index`` (or its replacement) and the bad-data kinds met on the way."""
+        n = len(self.records)
+        bad: List[str] = []
+        errors: List[str] = []
+        for j in range(min(n, MAX_REPLACEMENTS)):
+            i = (int(index) + j) % n
+            problem: Optional[Tuple[str, str]] = self._broken.get(i)
+            plan = None
+            if problem is None:
+                info = self._media_info(i)
+                if info.kind is not None:
+                    problem = (info.kind, info.message)
+                else:
+                    try:
+                        plan = self.sampler.plan(self.records[i], i, epoch)
+                    except (OSError, ValueError) as e:  # header probe for the frame size
+                        problem = ("unreadable", f"{self.records[i].video}: {e}")
+                    else:
+                        problem = _window_problem(plan, self.spec, info)
+            if problem is not None:
+                bad.append(problem[0])
+                errors.append(f"{problem[0]}: {problem[1]}")
+                continue
+            if plan.short:
+                bad.append("short")
+            if not plan.text_mask.any():
+                bad.append("no_captions")
+            return plan, bad
+        raise RuntimeError(
+            f"{min(n, MAX_REPLACEMENTS)} consecutive records from index {index} could not be decoded; "
+            f"first errors: {errors[:3]}; check the dataset (e.g. re-run the prepare tool)"
+        )
+
+    def _feed(self, schedule_it: Iterator[Tuple[int, int, np.ndarray]]):
+        """The external_source callback: the next batch's encoded bytes and plan parameters."""
+        try:
+            epoch, b, indices = next(schedule_it)
+        except StopIteration:
+            raise StopIteration from None
+        plans, bad = [], Counter()
+        for idx in indices:
+            plan, kinds = self._sample(epoch, int(idx))
+            plans.append(plan)
+            bad.update(kinds)
+        self._pending.append({"epoch": epoch, "batch": b, "plans": plans, "bad": bad})
+        video_bytes, frames, roi_start, roi_end, audio_bytes, audio_start = [], [], [], [], [], []
+        for plan in plans:
+            rec = self.records[plan.index]
+            h, w = self.sampler.frame_size_of(rec)
+            rh, rw = plan.resized
+            y, x, size = plan.crop
+            sy, sx = h / rh, w / rw
+            y0, y1 = y * sy, (y + size) * sy
+            x0, x1 = x * sx, (x + size) * sx
+            if plan.flip:
+                x0, x1 = x1, x0
+            video_bytes.append(np.fromfile(plan.video, dtype=np.uint8))
+            frames.append(np.asarray(plan.frame_indices, dtype=np.int32))
+            roi_start.append(np.array([y0, x0], dtype=np.float32))
+            roi_end.append(np.array([y1, x1], dtype=np.float32))
+            audio_bytes.append(np.fromfile(plan.audio, dtype=np.uint8))
+            audio_start.append(np.array([int(round(plan.audio_start * self.spec.audio_sample_rate))], dtype=np.int32))
+        return video_bytes, frames, roi_start, roi_end, audio_bytes, audio_start
+
+    # --- iteration -----------------------------------------------------------------
+    def _start(self) -> None:
+        schedule_it = self.schedule.iterate(self._epoch, self._batch)
+        self._pending.clear()
+        device_id = self.device.index if self.gpu else None
+        self._pipe = build_clip_pipeline(
+            lambda: self._feed(schedule_it), self.spec, self.schedule.batch_size, gpu=self.gpu,
+            device_id=device_id, num_threads=self.num_threads, prefetch=self.prefetch, seed=self.seed,
+        )
+
+    def _to_torch(self, tensor_list: Any, dtype: torch.dtype) -> torch.Tensor:
+        """Copy a dense DALI TensorList into a new torch tensor (device to device on the GPU).
+
+        The copy is what makes the batch safe to keep: DALI reuses its output buffers at the
+        next ``run()``.
+        """
+        from nvidia.dali.plugin.pytorch import feed_ndarray
+
+        tensor = tensor_list.as_tensor()
+        if self.gpu:
+            out = torch.empty(tensor.shape(), dtype=dtype, device=self.device)
+            return feed_ndarray(tensor, out, cuda_stream=torch.cuda.current_stream(self.device))
+        return feed_ndarray(tensor, torch.empty(tensor.shape(), dtype=dtype))
+
+    def _generate(self) -> Iterator[Dict[str, torch.Tensor]]:
+        nb = self.schedule.batches_per_epoch
+        self._start()
+        while True:
+            try:
+                video_tl, audio_tl = self._pipe.run()
+            except StopIteration:
+                break
+            except RuntimeError as e:
+                self._recover(e)
+                continue
+            meta = self._pending.popleft()
+            plans: List[ClipPlan] = meta["plans"]
+            batch: Dict[str, torch.Tensor] = {
+                "video": self._to_torch(video_tl, torch.uint8),
+                "audio": self._to_torch(audio_tl, torch.float32),
+                "text": torch.from_numpy(np.stack([p.text for p in plans]).astype(np.int64, copy=False)),
+                "text_mask": torch.from_numpy(np.stack([p.text_mask for p in plans]).astype(bool, copy=False)),
+                "index": torch.tensor([p.index for p in plans], dtype=torch.int64),
+            }
+            if self.with_label:
+                batch["label"] = torch.tensor([p.label for p in plans], dtype=torch.int64)
+            if self.device is not None:
+                batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+            self._bad.update(meta["bad"])
+            self._epoch, self._batch = meta["epoch"], meta["batch"] + 1
+            if self._batch >= nb and self.train:
+                self._epoch, self._batch = self._epoch + 1, 0
+            yield batch
+        self._pipe = None
+
+    def _recover(self, error: Exception) -> None:
+        """DALI failed on the next batch: find its broken records with the reference decoder,
+        mark them, and restart the pipeline at that batch (its clips are drawn again)."""
+        if not self._pending:
+            raise error
+        meta = self._pending[0]
+        found = False
+        for plan in meta["plans"]:
+            try:
+                decode_with_pyav(plan, self.spec)
+            except BadSample as e:
+                self._broken[plan.index] = (e.kind, str(e))
+                found = True
+        if not found:
+            raise RuntimeError(
+                f"DALI failed on batch {meta['batch']} of epoch {meta['epoch']}, but the PyAV reference decodes "
+                f"every clip of it; this is a DALI problem, not bad data: {error}"
+            ) from error
+        self._pipe = None
+        self._epoch, self._batch = meta["epoch"], meta["batch"]
+        self._start()
+
+    def _shutdown(self) -> None:
+        self._pipe = None
+        self._pending.clear()
+
+    def __repr__(self) -> str:
+        return (
+            f"DALILoader(records={len(self.records)}, batch_size={self.batch_size}, train={self.train}, "
+            f"device={'cuda' if self.gpu else 'cpu'}, rank={self.schedule.rank}/{self.schedule.world_size}, "
+            f"batches_per_epoch={len(self)})"
+        )

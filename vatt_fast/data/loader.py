@@ -1,0 +1,145 @@
+"""``build_loader``: the one entry point to the data, whatever the backend.
+
+Example::
+
+    from vatt_fast.data import build_loader
+    from vatt_fast.data.synthetic import ensure_synthetic
+
+    loader = build_loader(ensure_synthetic(), "train", batch_size=32, preset="tiny")
+    for step, batch in zip(range(100), loader):   # infinite in train mode
+        batch["video"]      # uint8   [B, T, H, W, 3]
+        batch["audio"]      # float32 [B, S]
+        batch["text"]       # int64   [B, K, L]  (0 = padding)
+        batch["text_mask"]  # bool    [B, K]
+        batch["label"]      # int64   [B]        (only when the manifest has labels; -1 = none)
+        batch["index"]      # int64   [B]        record indices in the split
+    state = loader.state_dict()                   # resume: loader.load_state_dict(state)
+    print(loader.bad_data)                        # {"truncated": 2, "no_captions": 5, ...}
+    loader.close()
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+
+from vatt_fast.data.manifest import VOCAB_NAME, read_manifest
+from vatt_fast.data.sampler import ClipSpec
+from vatt_fast.data.vocab import Vocabulary
+from vatt_fast.models.config import VATTConfig, get_config
+
+__all__ = ["build_loader", "resolve_backend", "BACKENDS"]
+
+BACKENDS = ("auto", "dali", "pyav")
+
+
+def _dali_available() -> bool:
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_backend(backend: str = "auto") -> str:
+    """``"dali"`` or ``"pyav"``: ``auto`` picks DALI when it imports and CUDA is available."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown loader backend {backend!r}; choose one of {BACKENDS}")
+    if backend == "auto":
+        return "dali" if torch.cuda.is_available() and _dali_available() else "pyav"
+    if backend == "dali" and not _dali_available():
+        raise ImportError("backend='dali' needs NVIDIA DALI: pip install 'vatt_fast[dali]' (or use backend='pyav')")
+    return backend
+
+
+def build_loader(
+    dataset_dir: Union[str, os.PathLike],
+    split: str,
+    batch_size: int,
+    *,
+    preset: Union[str, VATTConfig] = "tiny",
+    backend: str = "auto",
+    num_workers: int = 2,
+    seed: int = 0,
+    train: Optional[bool] = None,
+    rank: Optional[int] = None,
+    world_size: Optional[int] = None,
+    drop_last: Optional[bool] = None,
+    device: Optional[Union[str, torch.device]] = None,
+    pin_memory: Optional[bool] = None,
+    **spec_overrides: Any,
+):
+    """A loader of clip batches for one split of a dataset folder.
+
+    Args:
+        dataset_dir: folder with ``manifest.jsonl`` and ``vocab.txt``.
+        split: manifest split to read (``"train"``, ``"val"``...).
+        batch_size: clips per batch on this rank.
+        preset: model preset (or config) giving the clip geometry: ``num_frames``, ``fps``,
+            ``frame_size``, ``audio_sample_rate``, ``num_captions``, ``caption_len``.
+        backend: ``"auto"`` (DALI when it imports and CUDA is available, else PyAV),
+            ``"dali"`` or ``"pyav"``.
+        num_workers: decoding worker processes (PyAV) or threads (DALI).
+        seed: seed of the epoch permutations and of every random window, crop and flip.
+        train: random clips, infinite iteration, reshuffled every epoch (default: ``split == "train"``);
+            otherwise one ordered pass of centred clips per ``iter()``.
+        rank, world_size: shard (default: from ``torch.distributed`` when initialised, else 0 / 1).
+        drop_last: drop the last incomplete batch of an epoch (default: ``train``).
+        device: move batches there (DALI on CUDA outputs there directly).
+        pin_memory: pin host batches (default: when CUDA is available).
+        **spec_overrides: any :class:`~vatt_fast.data.sampler.ClipSpec` field, e.g. ``resize_to=40``.
+
+    Returns:
+        A loader: iterable of batch dicts (see the module docstring), with ``len()`` =
+        batches per epoch, ``state_dict()`` / ``load_state_dict()``, ``bad_data`` and ``close()``.
+
+    Raises:
+        FileNotFoundError: no manifest or vocabulary.
+        ValueError: an unparsable manifest line, an empty split, a vocabulary larger than the
+            preset's ``vocab_size``.
+    """
+    root = Path(dataset_dir)
+    cfg = preset if isinstance(preset, VATTConfig) else get_config(preset)
+    spec = ClipSpec.from_preset(cfg, **spec_overrides)
+    stats: Counter = Counter()
+    records = read_manifest(root, split=split, stats=stats)
+    if not records:
+        splits = sorted({r.split for r in read_manifest(root)})
+        raise ValueError(f"split {split!r} of {root} has no usable records; splits present: {splits}")
+    vocab = Vocabulary.load(root / VOCAB_NAME)
+    if len(vocab) > cfg.vocab_size:
+        raise ValueError(
+            f"{root / VOCAB_NAME} has {len(vocab)} tokens but preset {cfg.name!r} embeds only "
+            f"vocab_size={cfg.vocab_size}; rebuild the vocabulary smaller or raise the model's vocab_size"
+        )
+    if rank is None or world_size is None:
+        dist = torch.distributed.is_available() and torch.distributed.is_initialized()
+        rank = rank if rank is not None else (torch.distributed.get_rank() if dist else 0)
+        world_size = world_size if world_size is not None else (torch.distributed.get_world_size() if dist else 1)
+    train = (split == "train") if train is None else bool(train)
+    drop_last = train if drop_last is None else bool(drop_last)
+    if pin_memory is None:
+        pin_memory = torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda")
+    kwargs = dict(
+        train=train,
+        seed=seed,
+        rank=rank,
+        world_size=world_size,
+        drop_last=drop_last,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        device=device,
+        bad_data=dict(stats),
+    )
+    chosen = resolve_backend(backend)
+    if chosen == "dali":
+        from vatt_fast.data.dali_loader import DALILoader
+
+        return DALILoader(records, spec, vocab, batch_size, **kwargs)
+    from vatt_fast.data.pyav_loader import PyAVLoader
+
+    return PyAVLoader(records, spec, vocab, batch_size, **kwargs)

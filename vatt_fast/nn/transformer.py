@@ -1,0 +1,234 @@
+"""Pre-LayerNorm Transformer blocks and the VATT encoder.
+
+``Mlp`` and ``Block`` use timm's ViT parameter names (``norm1``, ``attn.qkv``,
+``attn.proj``, ``norm2``, ``mlp.fc1``, ``mlp.fc2``), so a timm ViT block's
+state_dict loads into ``Block`` and gives the same output. ``Encoder`` prepends
+VATT's learned aggregation token, runs the blocks, applies a final LayerNorm, and
+returns the aggregation token's final state as the pooled feature.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from .attention import Attention, RelativePositionBias, padding_mask_to_bias
+
+__all__ = ["Mlp", "Block", "Encoder", "init_weights"]
+
+
+class Mlp(nn.Module):
+    """Linear -> GELU (exact) -> dropout -> Linear -> dropout, timm names ``fc1``/``act``/``fc2``.
+
+    Args:
+        in_features: input and output width D.
+        hidden_features: inner width (VATT: 4 D).
+        drop: dropout after the activation and after ``fc2``, training only.
+
+    Shapes:
+        ``[..., D]`` -> ``[..., D]``.
+    """
+
+    def __init__(self, in_features: int, hidden_features: int, drop: float = 0.0) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.act = nn.GELU()
+        self.drop1 = nn.Dropout(drop)
+        self.fc2 = nn.Linear(hidden_features, in_features)
+        self.drop2 = nn.Dropout(drop)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+
+
+class Block(nn.Module):
+    """Pre-LN Transformer block: ``x + attn(norm1(x))`` then ``x + mlp(norm2(x))``.
+
+    Drop-in for timm's ViT ``Block`` (same parameter names; timm's ``qkv_bias``
+    default is False, ours True as in ViT checkpoints). Arguments after
+    ``num_heads`` are keyword-only, so ``Block(d, h, 3072)`` cannot silently mean a
+    ratio in one library and a width in the other.
+
+    Args:
+        dim: token width D.
+        num_heads: attention heads.
+        mlp_dim: MLP inner width; default ``int(dim * mlp_ratio)``.
+        mlp_ratio: used when ``mlp_dim`` is None.
+        qkv_bias: bias on the qkv projection.
+        drop: dropout on both residual branches (after ``attn.proj`` and ``mlp.fc2``)
+            and after the MLP activation, training only.
+        attn_drop: dropout on attention probabilities, training only.
+        norm_eps: LayerNorm epsilon (VATT and timm ViT: 1e-6).
+        backend: attention backend, see :mod:`vatt_fast.nn.attention`.
+
+    Shapes:
+        forward(x ``[B, N, D]``, attn_bias ``None`` or broadcastable to ``[B, H, N, N]``) -> ``[B, N, D]``.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        *,
+        mlp_dim: Optional[int] = None,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop: float = 0.0,
+        attn_drop: float = 0.0,
+        norm_eps: float = 1e-6,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        hidden = int(dim * mlp_ratio) if mlp_dim is None else mlp_dim
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
+        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=drop, backend=backend)
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = Mlp(dim, hidden, drop=drop)
+
+    def forward(self, x: Tensor, attn_bias: Optional[Tensor] = None) -> Tensor:
+        x = x + self.attn(self.norm1(x), attn_bias)
+        x = x + self.mlp(self.norm2(x))
+        return x
+
+
+def init_weights(module: nn.Module) -> None:
+    """ViT/VATT init for one module (use with ``model.apply``): trunc-normal(0.02)
+    Linear weights and zero biases, LayerNorm ones and zeros."""
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        if module.weight is not None:
+            nn.init.ones_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+class Encoder(nn.Module):
+    """VATT Transformer encoder: aggregation token + ``depth`` pre-LN blocks + final LayerNorm.
+
+    Args:
+        dim: token width D.
+        depth: number of blocks.
+        num_heads: attention heads per block.
+        mlp_dim: MLP inner width.
+        drop: residual-branch dropout (VATT pretraining: 0.1).
+        attn_drop: attention-probability dropout (VATT pretraining: 0.1).
+        norm_eps: LayerNorm epsilon.
+        use_agg_token: prepend the learned aggregation token ``agg_token [1, 1, D]`` and
+            pool its final state; without it the pooled feature is the mean over real tokens.
+        rel_pos_bias: add a T5 relative position bias (text encoder). It is computed
+            once per forward from one table (``rel_pos``) and added in every layer,
+            as T5 shares the first layer's bias. Positions count the aggregation token
+            as position 0.
+        rel_pos_buckets: T5 buckets (VATT: 32).
+        rel_pos_max_distance: T5 max distance (VATT release: 64).
+        backend: attention backend of every block.
+        grad_checkpointing: recompute each block in backward instead of storing its
+            activations (``torch.utils.checkpoint``, non-reentrant); also
+            :meth:`set_grad_checkpointing`.
+
+    Shapes:
+        forward(x ``[B, N, D]``, padding_mask ``[B, N]`` bool (True = real token) or None,
+        attn_bias broadcastable to ``[B, H, N', N']`` or None, with ``N' = N + 1`` when
+        the aggregation token is used) -> (pooled ``[B, D]``, states ``[B, N', D]``).
+        Without the aggregation token, a sample whose tokens are all padding gives NaN.
+        ``states`` are after the final LayerNorm; with the aggregation token,
+        ``pooled == states[:, 0]``.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        depth: int,
+        num_heads: int,
+        mlp_dim: int,
+        drop: float = 0.0,
+        attn_drop: float = 0.0,
+        norm_eps: float = 1e-6,
+        use_agg_token: bool = True,
+        rel_pos_bias: bool = False,
+        rel_pos_buckets: int = 32,
+        rel_pos_max_distance: int = 64,
+        backend: str = "auto",
+        grad_checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        self.dim = dim
+        self.num_heads = num_heads
+        self.use_agg_token = use_agg_token
+        self.grad_checkpointing = grad_checkpointing
+        self.agg_token = nn.Parameter(torch.zeros(1, 1, dim)) if use_agg_token else None
+        self.rel_pos = (
+            RelativePositionBias(num_heads, num_buckets=rel_pos_buckets, max_distance=rel_pos_max_distance)
+            if rel_pos_bias
+            else None
+        )
+        self.blocks = nn.ModuleList(
+            Block(dim, num_heads, mlp_dim=mlp_dim, drop=drop, attn_drop=attn_drop, norm_eps=norm_eps, backend=backend)
+            for _ in range(depth)
+        )
+        self.norm = nn.LayerNorm(dim, eps=norm_eps)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Re-initialise: trunc-normal(0.02) Linear weights, aggregation token and
+        relative bias table; zero biases; LayerNorm ones and zeros."""
+        self.apply(init_weights)
+        if self.agg_token is not None:
+            nn.init.trunc_normal_(self.agg_token, std=0.02)
+        if self.rel_pos is not None:
+            nn.init.trunc_normal_(self.rel_pos.relative_attention_bias.weight, std=0.02)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Turn activation checkpointing of the blocks on or off (timm's method name)."""
+        self.grad_checkpointing = enable
+
+    def forward(
+        self,
+        x: Tensor,
+        padding_mask: Optional[Tensor] = None,
+        attn_bias: Optional[Tensor] = None,
+    ) -> Tuple[Tensor, Tensor]:
+        if x.dim() != 3 or x.shape[-1] != self.dim:
+            raise ValueError(f"Encoder expects tokens [B, N, {self.dim}], got {tuple(x.shape)}")
+        B, N, _ = x.shape
+        if padding_mask is not None and tuple(padding_mask.shape) != (B, N):
+            raise ValueError(
+                f"padding_mask must be [B, N] = {[B, N]} (True = real token), got {tuple(padding_mask.shape)}"
+            )
+        if self.agg_token is not None:
+            x = torch.cat([self.agg_token.expand(B, -1, -1).to(x.dtype), x], dim=1)  # (B, N + 1, D)
+            if padding_mask is not None:
+                keep_agg = torch.ones(B, 1, dtype=torch.bool, device=padding_mask.device)
+                padding_mask = torch.cat([keep_agg, padding_mask], dim=1)  # (B, N + 1)
+        L = x.shape[1]
+
+        bias = attn_bias
+        if self.rel_pos is not None:
+            rel = self.rel_pos(L, L)  # (1, H, L, L), shared by every layer
+            bias = rel if bias is None else bias + rel
+        if padding_mask is not None:
+            pad = padding_mask_to_bias(padding_mask, dtype=torch.float32 if bias is None else bias.dtype)
+            bias = pad if bias is None else bias + pad  # (B, H or 1, L or 1, L)
+
+        checkpointing = self.grad_checkpointing and torch.is_grad_enabled()
+        for block in self.blocks:
+            if checkpointing:
+                x = checkpoint(block, x, bias, use_reentrant=False)
+            else:
+                x = block(x, bias)
+        x = self.norm(x)  # (B, L, D)
+
+        if self.agg_token is not None:
+            pooled = x[:, 0]
+        elif padding_mask is None:
+            pooled = x.mean(dim=1)
+        else:
+            weights = padding_mask.to(x.dtype).unsqueeze(-1)  # (B, N, 1)
+            pooled = (x * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
+        return pooled, x
