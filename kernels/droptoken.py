@@ -3,10 +3,10 @@
 ``out[b, j] = x[b, keep[j]] (+ pos[keep[j]])`` with ``keep`` shared by the batch
 (``[N_keep]``, one draw per step as the VATT release does) or per sample (``[B, N_keep]``).
 
-Trade-off of the reference: one gather (advanced indexing / ``torch.gather``) and one add,
+Trade-off of the reference: one gather (``index_select`` on rows) and one add,
 each a pass over ``B * N_keep * D`` elements; it reads ``B * N_keep * D`` of ``x`` (plus
 ``N_keep * D`` of ``pos``) and writes ``B * N_keep * D``. Autograd's backward scatters
-(``index_put`` with accumulation), so repeated indices accumulate correctly.
+(``index_add``), so repeated indices accumulate correctly.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 
 from ._dispatch import get_triton, resolve_impl
 
-__all__ = ["check_keep", "drop_token_gather", "drop_token_gather_reference"]
+__all__ = ["check_keep", "drop_token_gather", "drop_token_gather_reference", "select_tokens"]
 
 
 def _shape(t: torch.Tensor) -> Tuple[int, ...]:
@@ -33,7 +33,9 @@ def check_keep(keep: Optional[torch.Tensor], batch: int, num_tokens: int, device
     if keep is None:
         return
     if not isinstance(keep, torch.Tensor):
-        raise TypeError(f"{what}: keep must be an int64 tensor [N_keep] or [B, N_keep] or None, got {type(keep).__name__}")
+        raise TypeError(
+            f"{what}: keep must be an int64 tensor [N_keep] or [B, N_keep] or None, got {type(keep).__name__}"
+        )
     if keep.dtype not in (torch.int64, torch.int32):
         raise ValueError(
             f"{what}: keep must hold int64 token indices, got dtype {keep.dtype}; "
@@ -62,12 +64,28 @@ def check_keep(keep: Optional[torch.Tensor], batch: int, num_tokens: int, device
             )
 
 
+def select_tokens(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``x [B, N, K]`` rows at ``keep`` (``[N_keep]`` shared or ``[B, N_keep]``) -> ``[B, N_keep, K]``.
+
+    Uses ``index_select`` (per sample: on the flattened ``[B * N, K]`` rows), which is much faster
+    than advanced indexing or ``torch.gather`` on CPU; its backward is ``index_add``. No checks.
+    """
+    if keep.dim() == 1:
+        return x.index_select(1, keep)
+    B, N, K = x.shape
+    offsets = torch.arange(B, device=keep.device, dtype=keep.dtype).unsqueeze(1) * N  # (B, 1)
+    rows = (keep + offsets).reshape(-1)  # (B * N_keep,)
+    return x.reshape(B * N, K).index_select(0, rows).view(B, keep.shape[1], K)
+
+
 def _check_gather_args(x: torch.Tensor, keep: torch.Tensor, pos: Optional[torch.Tensor]) -> None:
     if not isinstance(x, torch.Tensor) or x.dim() != 3:
         got = _shape(x) if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"drop_token_gather: x must be tokens [B, N, D], got {got}")
     if keep is None:
-        raise ValueError("drop_token_gather: keep is required ([N_keep] or [B, N_keep] int64); with no drop, use x itself")
+        raise ValueError(
+            "drop_token_gather: keep is required ([N_keep] or [B, N_keep] int64); with no drop, use x itself"
+        )
     B, N, D = x.shape
     check_keep(keep, B, N, x.device, "drop_token_gather")
     if pos is not None:
@@ -89,10 +107,7 @@ def drop_token_gather_reference(
         ``[B, N_keep, D]`` in ``x``'s dtype.
     """
     _check_gather_args(x, keep, pos)
-    if keep.dim() == 1:
-        out = x[:, keep]  # (B, N_keep, D)
-    else:
-        out = torch.gather(x, 1, keep.long().unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # (B, N_keep, D)
+    out = select_tokens(x, keep)  # (B, N_keep, D)
     if pos is not None:
         out = out + pos[keep].to(x.dtype)  # (N_keep, D) or (B, N_keep, D)
     return out

@@ -25,7 +25,8 @@ Masks (``text_mask [B, K]`` bool, True = caption present):
   rescales by the count of valid clips); its video still serves as a candidate in
   the columns of the other clips;
 - masked embeddings are zeroed before any product, so whatever the encoder wrote
-  there (even inf/NaN) cannot leak into the loss or the gradients.
+  there (even inf/NaN) cannot leak into the loss or the gradients of this op
+  (the loss modules also zero them before normalising).
 
 Distributed use: pass the local rows (``video``, ``text``, ``text_mask`` of this
 rank) and the gathered global batch (``video_all``, ``text_all``, ``text_mask_all``,

@@ -21,6 +21,17 @@ from vatt_fast.data.manifest import Caption, VideoRecord, write_manifest
 from vatt_fast.data.synthetic import AUDIO_RATE, encode_audio, encode_video, generate_synthetic
 from vatt_fast.data.vocab import Vocabulary
 
+# Fixtures imported into several test modules become one definition per module; this
+# process-wide cache makes each dataset get built once per session all the same.
+_BUILT: dict = {}
+
+
+def _once(name: str, build):
+    if name not in _BUILT:
+        _BUILT[name] = build()
+    return _BUILT[name]
+
+
 NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
 
@@ -55,13 +66,16 @@ def write_timed_video(folder: Path, vid: str, frames: int, width: int = 58, heig
 
 @pytest.fixture(scope="session")
 def synthetic_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("data") / "synthetic"
-    return generate_synthetic(out, videos=16, seed=3, workers=1)
+    return _once("synthetic", lambda: generate_synthetic(
+        tmp_path_factory.mktemp("data") / "synthetic", videos=16, seed=3, workers=1))
 
 
 @pytest.fixture(scope="session")
 def timed_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("data") / "timed"
+    return _once("timed", lambda: _build_timed(tmp_path_factory.mktemp("data") / "timed"))
+
+
+def _build_timed(out: Path) -> Path:
     records = [write_timed_video(out, "long", 45), write_timed_video(out, "short", 5)]
     write_manifest(out, records)
     vocab = Vocabulary.build([c.text for r in records for c in r.captions], max_size=64)
@@ -83,7 +97,10 @@ BAD_IDS = {
 @pytest.fixture(scope="session")
 def bad_dir(synthetic_dir, tmp_path_factory) -> Path:
     """One good record, one per bad kind, and one manifest row missing ``duration``."""
-    out = tmp_path_factory.mktemp("data") / "bad"
+    return _once("bad", lambda: _build_bad(synthetic_dir, tmp_path_factory.mktemp("data") / "bad"))
+
+
+def _build_bad(synthetic_dir: Path, out: Path) -> Path:
     (out / "media").mkdir(parents=True)
     rows = [json.loads(line) for line in (synthetic_dir / "manifest.jsonl").read_text().splitlines()]
     src = rows[0]

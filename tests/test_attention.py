@@ -342,3 +342,14 @@ def test_functional_attention_checks_layout():
         attn_mod.attention(q, q, q[:, :4])
     out = attn_mod.attention(q, q, q, backend="math")
     assert out.shape == q.shape
+
+
+def test_broken_optional_package_is_reported(monkeypatch):
+    """An installed package that fails to import is unusable, and the error says why."""
+    monkeypatch.setattr(attn_mod, "_KERNELS", {})
+    monkeypatch.setattr(attn_mod, "_UNUSABLE", {})
+    monkeypatch.setitem(attn_mod._OPTIONAL, "xformers", ("json", "memory_efficient_attention", "xformers"))
+    assert "xformers" not in available_backends()
+    with pytest.raises(RuntimeError, match=r"'xformers' is unusable: .*failed to import \(AttributeError.*'sdpa'"):
+        Attention(64, 2, backend="xformers")
+    assert Attention(64, 2)(torch.randn(1, 3, 64)).shape == (1, 3, 64)

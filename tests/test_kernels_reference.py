@@ -211,6 +211,23 @@ def test_video_keep_equals_gathered_full_output(device, per_sample, in_dtype):
     torch.testing.assert_close(kept.double(), gather_tokens(conv3d_tokens(x, w, b, SCALE, SHIFT, pos), keep), rtol=1e-5, atol=1e-4)
 
 
+def test_keep_int32_and_empty(device):
+    x = random_video((2, 4, 8, 12, 3), torch.uint8, device)
+    w, b = torch.randn(5, 3, 2, 4, 4, device=device), torch.randn(5, device=device)
+    pos = torch.randn(12, 5, device=device)
+    for keep in (torch.tensor([11, 0, 4], device=device), torch.tensor([[3, 3], [10, 1]], device=device)):
+        torch.testing.assert_close(
+            patch_embed(x, w, b, pos=pos, keep=keep.int(), impl="reference"),
+            patch_embed(x, w, b, pos=pos, keep=keep, impl="reference"),
+            rtol=0, atol=0,
+        )
+        tokens = torch.randn(2, 12, 5, device=device)
+        torch.testing.assert_close(drop_token_gather(tokens, keep.int(), pos), drop_token_gather(tokens, keep, pos), rtol=0, atol=0)
+    for empty in (torch.zeros(0, dtype=torch.long, device=device), torch.zeros(2, 0, dtype=torch.long, device=device)):
+        assert patch_embed(x, w, b, pos=pos, keep=empty, impl="reference").shape == (2, 0, 5)
+        assert drop_token_gather(torch.randn(2, 12, 5, device=device), empty).shape == (2, 0, 5)
+
+
 @pytest.mark.parametrize("keep_kind", ["all", "shared", "per_sample"])
 def test_video_gradients_match_conv3d(device, keep_kind):
     B, T, H, W, C, D = 2, 4, 10, 15, 3, 9

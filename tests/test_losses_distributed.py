@@ -123,18 +123,14 @@ def dist_run(tmp_path_factory):
     return data, results
 
 
-def _single(fn, *inputs):
-    return _grads(fn, *inputs)
-
-
-def _check_split(single, results, key, input_dims):
+def _check_split(single, results, key, names):
     """Loss identical on every rank == single; rank r's input grads == single grads of its rows."""
     loss, *grads = single
     for r, res in enumerate(results):
         got_loss, *got_grads = res[key]
         torch.testing.assert_close(got_loss, loss, rtol=1e-12, atol=1e-12)
         sl = slice(r * B_LOCAL, (r + 1) * B_LOCAL)
-        for name, g, gr in zip(input_dims, grads, got_grads):
+        for name, g, gr in zip(names, grads, got_grads):
             torch.testing.assert_close(gr, g[sl], rtol=1e-10, atol=1e-12, msg=lambda m: f"{key} {name} rank {r}: {m}")
     assert results[0][key][0].item() == results[1][key][0].item()  # bitwise the same value
 
@@ -146,17 +142,17 @@ def test_process_group_queries(dist_run):
 
 def test_nce_split_equals_single_process(dist_run):
     data, results = dist_run
-    single = _single(lambda v, a: NCELoss()(v, a), data["video"], data["audio"])
+    single = _grads(lambda v, a: NCELoss()(v, a), data["video"], data["audio"])
     _check_split(single, results, "nce", ("video", "audio"))
 
 
 def test_mil_nce_split_equals_single_process_with_masks(dist_run):
     data, results = dist_run
-    single = _single(lambda v, t: MILNCELoss()(v, t, data["mask"]), data["video"], data["text"])
+    single = _grads(lambda v, t: MILNCELoss()(v, t, data["mask"]), data["video"], data["text"])
     _check_split(single, results, "mil", ("video", "text"))
     # The clips without captions still get video gradients (other clips' columns).
     assert results[0]["mil"][1][1].abs().sum() > 0
-    single = _single(lambda v, t: MILNCELoss()(v, t), data["video"], data["text"])
+    single = _grads(lambda v, t: MILNCELoss()(v, t), data["video"], data["text"])
     _check_split(single, results, "mil_nomask", ("video", "text"))
 
 
@@ -172,14 +168,14 @@ def test_gather_false_is_local(dist_run):
     data, results = dist_run
     for r, res in enumerate(results):
         sl = slice(r * B_LOCAL, (r + 1) * B_LOCAL)
-        local = _single(lambda v, t: MILNCELoss()(v, t, data["mask"][sl]), data["video"][sl], data["text"][sl])
+        local = _grads(lambda v, t: MILNCELoss()(v, t, data["mask"][sl]), data["video"][sl], data["text"][sl])
         for got, want in zip(res["mil_local"], local):
             torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
 def test_vatt_loss_split_equals_single_process(dist_run):
     data, results = dist_run
-    single = _single(
+    single = _grads(
         lambda v, a, t: VATTLoss()(
             {"video_va": v, "audio_va": a, "video_vt": v[:, :5], "text_vt": t[..., :5], "text_mask": data["mask"]}
         )["loss"],

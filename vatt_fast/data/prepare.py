@@ -296,7 +296,8 @@ def _open_encoder(path: str, cfg: PrepareConfig, width: int, height: int, thread
     rate = Fraction(cfg.fps).limit_denominator(1001)
     stream = container.add_stream(encoder, rate=rate)
     stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-    stream.time_base = 1 / rate
+    stream.time_base = 1 / rate  # the muxer may change it when writing the header
+    stream.codec_context.time_base = 1 / rate
     stream.codec_context.gop_size = cfg.gop
     if cfg.codec == "vp9":
         # No hidden alt-ref frames and no look-ahead: one packet = one shown frame, which keeps
@@ -363,6 +364,7 @@ def transcode_video(src: str, video_out: str, audio_out: str, cfg: PrepareConfig
         resampler = av.AudioResampler(format="s16", layout="mono", rate=AUDIO_RATE) if astream else None
 
         period = 1.0 / cfg.fps
+        frame_time_base = 1 / Fraction(cfg.fps).limit_denominator(1001)
         t0: Optional[float] = None  # time of the first video frame
         prev: Optional[Tuple[float, "av.VideoFrame"]] = None
         last_time = None
@@ -375,7 +377,7 @@ def transcode_video(src: str, video_out: str, audio_out: str, cfg: PrepareConfig
             nonlocal n_out
             out = frame.reformat(width=width, height=height, format="yuv420p", interpolation="AREA")
             out.pts = n_out
-            out.time_base = out_stream.time_base
+            out.time_base = frame_time_base  # pts counts output frames
             for packet in out_stream.encode(out):
                 out_container.mux(packet)
             n_out += 1
@@ -401,7 +403,7 @@ def transcode_video(src: str, video_out: str, audio_out: str, cfg: PrepareConfig
                             audio_t0 = frame.time if frame.time is not None else 0.0
                         for rf in resampler.resample(frame):
                             audio_chunks.append(rf.to_ndarray().reshape(-1))
-        except (av.error.InvalidDataError, av.error.EOFError, av.error.ValueError, av.error.OSError) as e:
+        except (av.FFmpegError, OSError) as e:
             raise PrepareError("decode_error", f"{src}: {e}") from e
         if prev is None:
             raise PrepareError("decode_error", f"{src}: no video frame could be decoded")
@@ -409,7 +411,8 @@ def transcode_video(src: str, video_out: str, audio_out: str, cfg: PrepareConfig
             for rf in resampler.resample(None):
                 audio_chunks.append(rf.to_ndarray().reshape(-1))
         duration_in = prev[0] - t0 + in_period
-        total = int(np.floor(duration_in * cfg.fps + 1e-6))
+        # tolerance of 1/100 frame: container timestamps are often rounded to milliseconds
+        total = int(np.floor(duration_in * cfg.fps + 1e-2))
         if total / cfg.fps < cfg.min_seconds or total == 0:
             raise PrepareError("too_short", f"{src}: {duration_in:.2f} s gives {total} frames at {cfg.fps} fps, "
                                             f"fewer than --min-seconds {cfg.min_seconds}")
@@ -584,7 +587,7 @@ def prepare_dataset(
             seen[vid] = src
             if not caps.get(vid) and not keep_uncaptioned:
                 failures.append({"id": vid, "source": str(src), "reason": "no_captions",
-                                 "detail": f"no caption for id {vid!r} in {captions}"})
+                                 "detail": f"no caption with text for id {vid!r} in the caption file"})
                 continue
             try:
                 fp = _fingerprint(src)

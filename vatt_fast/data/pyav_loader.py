@@ -57,23 +57,28 @@ class BadSample(Exception):
 # ------------------------------------------------------------------------------------
 # audio resampling
 # ------------------------------------------------------------------------------------
-_KERNELS: Dict[Tuple[int, int], Tuple[torch.Tensor, int]] = {}
+_KERNELS: Dict[Tuple[int, int], Tuple[np.ndarray, int]] = {}
 
 
-def _sinc_kernel(orig: int, new: int, zero_crossings: int = 6, rolloff: float = 0.99) -> Tuple[torch.Tensor, int]:
-    """Polyphase windowed-sinc kernel ``[new, 1, 2 * width + orig]`` for reduced rates orig -> new."""
+def _sinc_kernel(orig: int, new: int, zero_crossings: int = 6, rolloff: float = 0.99) -> Tuple[np.ndarray, int]:
+    """Polyphase windowed-sinc kernel ``[new, 2 * width + orig]`` for reduced rates orig -> new.
+
+    Row ``p`` holds the taps of output phase ``p`` over input samples
+    ``k * orig - width ... k * orig + width + orig - 1`` (output ``k * new + p``).
+    """
     key = (orig, new)
     if key in _KERNELS:
         return _KERNELS[key]
     base = min(orig, new) * rolloff
     width = math.ceil(zero_crossings * orig / base)
-    idx = torch.arange(-width, width + orig, dtype=torch.float64)[None, None] / orig
-    t = torch.arange(0, -new, -1, dtype=torch.float64)[:, None, None] / new + idx
-    t = (t * base).clamp(-zero_crossings, zero_crossings)
-    window = torch.cos(t * math.pi / zero_crossings / 2) ** 2
+    idx = np.arange(-width, width + orig, dtype=np.float64)[None, :] / orig
+    t = -np.arange(new, dtype=np.float64)[:, None] / new + idx
+    t = np.clip(t * base, -zero_crossings, zero_crossings)
+    window = np.cos(t * math.pi / zero_crossings / 2) ** 2
     t = t * math.pi
-    kernel = torch.where(t == 0, torch.ones_like(t), torch.sin(t) / torch.where(t == 0, torch.ones_like(t), t))
-    kernel = (kernel * window * (base / orig)).to(torch.float32)
+    sinc = np.sin(t) / np.where(t == 0, 1.0, t)
+    sinc[t == 0] = 1.0
+    kernel = (sinc * window * (base / orig)).astype(np.float32)
     _KERNELS[key] = (kernel, width)
     return kernel, width
 
@@ -82,7 +87,8 @@ def resample_audio(x: np.ndarray, orig_rate: int, new_rate: int) -> np.ndarray:
     """Resample a mono waveform (windowed sinc, Hann window; torchaudio's default method).
 
     Output sample ``m`` is the band-limited value of the input at time ``m / new_rate``,
-    with zeros assumed outside the input.
+    with zeros assumed outside the input. Same taps as ``torchaudio.functional.resample``
+    (``lowpass_filter_width=6``, ``rolloff=0.99``, ``sinc_interp_hann``), in numpy.
 
     Args:
         x: float32 ``[N]`` waveform at ``orig_rate``.
@@ -100,11 +106,10 @@ def resample_audio(x: np.ndarray, orig_rate: int, new_rate: int) -> np.ndarray:
     orig, new = int(orig_rate) // g, int(new_rate) // g
     kernel, width = _sinc_kernel(orig, new)
     n = x.shape[0]
-    wav = torch.from_numpy(x)[None, None]
-    wav = torch.nn.functional.pad(wav, (width, width + orig))
-    out = torch.nn.functional.conv1d(wav, kernel, stride=orig)  # (1, new, frames)
-    out = out.transpose(1, 2).reshape(-1)
-    return out[: math.ceil(new * n / orig)].numpy().copy()
+    xpad = np.concatenate([np.zeros(width, np.float32), x, np.zeros(width + orig, np.float32)])
+    windows = np.lib.stride_tricks.sliding_window_view(xpad, kernel.shape[1])[::orig]  # (frames, taps)
+    out = (windows @ kernel.T).reshape(-1)  # (frames * new,)
+    return np.ascontiguousarray(out[: math.ceil(new * n / orig)], dtype=np.float32)
 
 
 # ------------------------------------------------------------------------------------
@@ -124,6 +129,7 @@ def decode_video_pyav(plan: ClipPlan, spec: ClipSpec) -> np.ndarray:
             frame is missing or the stream breaks before it).
     """
     import av
+    from av.video.reformatter import VideoReformatter
 
     wanted = sorted(set(plan.frame_indices))
     first, last = wanted[0], wanted[-1]
@@ -134,6 +140,7 @@ def decode_video_pyav(plan: ClipPlan, spec: ClipSpec) -> np.ndarray:
     except (av.FFmpegError, OSError) as e:
         raise BadSample("unreadable", f"cannot open video {plan.video}: {e}") from None
     got: Dict[int, np.ndarray] = {}
+    reformatter = VideoReformatter()  # one swscale context for the whole clip
     with container:
         if not container.streams.video:
             raise BadSample("unreadable", f"{plan.video} has no video stream")
@@ -155,7 +162,9 @@ def decode_video_pyav(plan: ClipPlan, spec: ClipSpec) -> np.ndarray:
                     if k > last:
                         break
                     if k in wanted:
-                        img = frame.to_ndarray(width=rw, height=rh, format="rgb24", interpolation="BILINEAR")
+                        img = reformatter.reformat(
+                            frame, width=rw, height=rh, format="rgb24", interpolation="BILINEAR"
+                        ).to_ndarray()
                         got[k] = img[y : y + size, x : x + size]
                     if len(got) == len(wanted):
                         break

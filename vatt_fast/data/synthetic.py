@@ -113,7 +113,8 @@ def encode_video(
     n, h, w, _ = frames.shape
     if h % 2 or w % 2:
         raise ValueError(f"frame size {h}x{w} must be even for yuv420p; crop or pad by one pixel")
-    with av.open(str(path), "w") as c:
+    # bitexact: no random track/segment UIDs, so a seed gives byte-identical files
+    with av.open(str(path), "w", options={"fflags": "+bitexact"}) as c:
         s = c.add_stream(codec, rate=int(fps))
         s.width, s.height, s.pix_fmt = w, h, "yuv420p"
         s.codec_context.gop_size = int(gop)
@@ -147,7 +148,7 @@ def encode_audio(path: Union[str, os.PathLike], samples: np.ndarray, sample_rate
     if x.ndim != 1:
         raise ValueError(f"samples must be a mono waveform [N], got shape {x.shape}")
     pcm = np.clip(np.round(x * 32767.0), -32768, 32767).astype(np.int16)
-    with av.open(str(path), "w", format="flac") as c:
+    with av.open(str(path), "w", format="flac", options={"fflags": "+bitexact"}) as c:
         s = c.add_stream("flac", rate=int(sample_rate), layout="mono")
         fr = av.AudioFrame.from_ndarray(pcm[None], format="s16", layout="mono")
         fr.sample_rate, fr.pts = int(sample_rate), 0

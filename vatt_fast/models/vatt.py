@@ -247,7 +247,7 @@ class VATT(nn.Module):
     def set_kernel_impl(self, impl: Optional[str]) -> "VATT":
         """Use kernel ``impl`` (auto, triton, reference; None = $VATT_FAST_KERNELS) in every fused op."""
         for m in self.modules():
-            if hasattr(m, "impl") and isinstance(m, (VideoPatchEmbed, AudioPatchEmbed)):
+            if isinstance(m, (VideoPatchEmbed, AudioPatchEmbed, DropToken)):
                 m.impl = impl
         return self
 

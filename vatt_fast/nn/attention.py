@@ -24,9 +24,10 @@ silent fallbacks.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import math
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -50,12 +51,31 @@ _HALF_DTYPES = (torch.float16, torch.bfloat16)
 _FLASH_MAX_HEAD_DIM = 256
 
 
-def _installed(package: str) -> bool:
-    return importlib.util.find_spec(package) is not None
+# backend -> (module to import, attribute, pip name)
+_OPTIONAL = {
+    "flash_attn": ("flash_attn", "flash_attn_func", "flash-attn"),
+    "xformers": ("xformers.ops", "memory_efficient_attention", "xformers"),
+}
+_KERNELS: Dict[str, Callable[..., Tensor]] = {}
+_UNUSABLE: Dict[str, str] = {}  # backend -> why its package cannot be used
 
 
-_FLASH_INSTALLED = _installed("flash_attn")
-_XFORMERS_INSTALLED = _installed("xformers")
+def _kernel(backend: str) -> Optional[Callable[..., Tensor]]:
+    """The optional package's attention function, imported once; ``None`` if unusable.
+
+    A package that is installed but fails to import (a wheel built against another
+    torch is the usual case) counts as unusable, with the import error kept as reason.
+    """
+    if backend not in _KERNELS and backend not in _UNUSABLE:
+        module_name, attr, pip_name = _OPTIONAL[backend]
+        if importlib.util.find_spec(module_name.split(".")[0]) is None:
+            _UNUSABLE[backend] = f"the {pip_name} package is not installed"
+        else:
+            try:
+                _KERNELS[backend] = getattr(importlib.import_module(module_name), attr)
+            except Exception as err:  # noqa: BLE001 - any import failure makes the backend unusable
+                _UNUSABLE[backend] = f"the {pip_name} package is installed but failed to import ({type(err).__name__}: {err})"
+    return _KERNELS.get(backend)
 
 
 _CUDA_MAJOR: Dict[int, int] = {}  # device index -> compute capability major
@@ -71,30 +91,21 @@ def _cuda_major(device: torch.device) -> int:
 def available_backends() -> List[str]:
     """Backends importable in this process, fastest first (``auto`` not included).
 
-    ``flash_attn`` and ``xformers`` appear only when their packages are installed;
-    they still serve CUDA tensors only. ``sdpa`` and ``math`` are always there.
+    ``flash_attn`` and ``xformers`` appear only when their packages import; they
+    still serve CUDA tensors only. ``sdpa`` and ``math`` are always there.
     """
-    names = []
-    if _FLASH_INSTALLED:
-        names.append("flash_attn")
-    if _XFORMERS_INSTALLED:
-        names.append("xformers")
-    names += ["sdpa", "math"]
-    return names
+    names = [name for name in _OPTIONAL if _kernel(name) is not None]
+    return names + ["sdpa", "math"]
 
 
 def _check_name(backend: str) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; valid backends: {list(BACKENDS)}")
-    if backend == "flash_attn" and not _FLASH_INSTALLED:
+    if backend in _OPTIONAL and _kernel(backend) is None:
+        install = "pip install flash-attn --no-build-isolation" if backend == "flash_attn" else "pip install xformers"
         raise RuntimeError(
-            "attention backend 'flash_attn' needs the flash-attn package, which is not installed; "
-            "install it (pip install flash-attn --no-build-isolation) or use backend='auto' or 'sdpa'"
-        )
-    if backend == "xformers" and not _XFORMERS_INSTALLED:
-        raise RuntimeError(
-            "attention backend 'xformers' needs the xformers package, which is not installed; "
-            "install it (pip install xformers) or use backend='auto' or 'sdpa'"
+            f"attention backend {backend!r} is unusable: {_UNUSABLE[backend]}; install a build that "
+            f"matches torch {torch.__version__} ({install}) or use backend='auto' or 'sdpa'"
         )
     return backend
 
@@ -102,8 +113,8 @@ def _check_name(backend: str) -> str:
 def _why_not(backend: str, q: Tensor, has_bias: bool) -> Optional[str]:
     """Why ``backend`` cannot serve attention on ``q`` (``None`` when it can)."""
     if backend == "flash_attn":
-        if not _FLASH_INSTALLED:
-            return "the flash-attn package is not installed; use backend='sdpa'"
+        if _kernel("flash_attn") is None:
+            return f"{_UNUSABLE['flash_attn']}; use backend='sdpa'"
         if q.device.type != "cuda":
             return f"flash_attn runs on CUDA tensors only, got a {q.device.type} tensor; use backend='sdpa'"
         if q.dtype not in _HALF_DTYPES:
@@ -125,8 +136,8 @@ def _why_not(backend: str, q: Tensor, has_bias: bool) -> Optional[str]:
             )
         return None
     if backend == "xformers":
-        if not _XFORMERS_INSTALLED:
-            return "the xformers package is not installed; use backend='sdpa'"
+        if _kernel("xformers") is None:
+            return f"{_UNUSABLE['xformers']}; use backend='sdpa'"
         if q.device.type != "cuda":
             return f"xformers runs on CUDA tensors only, got a {q.device.type} tensor; use backend='sdpa'"
         return None
@@ -247,14 +258,10 @@ def attention(
     impl = resolve_backend(backend, q, attn_bias is not None)
 
     if impl == "flash_attn":
-        from flash_attn import flash_attn_func
-
-        return flash_attn_func(q, k, v, dropout_p=dropout_p, softmax_scale=scale)
+        return _KERNELS["flash_attn"](q, k, v, dropout_p=dropout_p, softmax_scale=scale)
     if impl == "xformers":
-        from xformers.ops import memory_efficient_attention
-
         bias = None if attn_bias is None else _xformers_bias(attn_bias, B, H, N, q.dtype)
-        return memory_efficient_attention(q, k, v, attn_bias=bias, p=dropout_p, scale=scale)
+        return _KERNELS["xformers"](q, k, v, attn_bias=bias, p=dropout_p, scale=scale)
 
     # sdpa and math work in (B, H, N, head_dim); the transposes are views.
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -298,6 +305,7 @@ class Attention(nn.Module):
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = self.head_dim ** -0.5
+        available_backends()  # import the optional kernels now, not inside a torch.compile trace
         self.backend = backend
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.attn_drop = nn.Dropout(attn_drop)

@@ -150,7 +150,10 @@ class VideoPatchEmbed(nn.Module):
         return math.prod(self.grid_size)
 
     def grid_for(self, frames: int, height: int, width: int) -> Tuple[int, int, int]:
-        """The token grid ``(Tp, Hp, Wp)`` of a ``frames x height x width`` clip; raises if a patch does not divide it."""
+        """The token grid ``(Tp, Hp, Wp)`` of a ``frames x height x width`` clip.
+
+        Raises ``ValueError`` when a patch size does not divide the clip.
+        """
         out = []
         for size, p, name in zip((frames, height, width), self.patch_size, ("frames T", "height H", "width W")):
             if size % p:
