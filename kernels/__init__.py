@@ -5,6 +5,7 @@ process default from ``$VATT_FAST_KERNELS`` (see :mod:`vatt_fast.kernels._dispat
 """
 
 from ._dispatch import has_triton, register_triton, resolve_impl
+from . import nce  # the module: vatt_fast.kernels.nce.mil_nce / nce / *_reference
 from .droptoken import drop_token_gather, drop_token_gather_reference
 from .patch_embed import patch_embed, patch_embed_reference
 
@@ -12,6 +13,7 @@ __all__ = [
     "drop_token_gather",
     "drop_token_gather_reference",
     "has_triton",
+    "nce",
     "patch_embed",
     "patch_embed_reference",
     "register_triton",

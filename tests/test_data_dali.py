@@ -85,6 +85,19 @@ def test_parity_with_the_pyav_backend(synthetic_dir, train, device):  # noqa: F8
     pyav.close()
 
 
+def test_long_audio_is_cut_to_the_window_with_the_same_result(synthetic_dir, monkeypatch, device):  # noqa: F811
+    """Files over WHOLE_FILE_AUDIO_SECONDS are cut before decoding; the clip audio must not change."""
+    import vatt_fast.data.dali_loader as dl
+
+    kw = dict(train=True, seed=4, backend="dali", num_workers=1, device=device)
+    whole = _take(build_loader(synthetic_dir, "train", 4, **kw), 2)
+    monkeypatch.setattr(dl, "WHOLE_FILE_AUDIO_SECONDS", 0.0)
+    cut = _take(build_loader(synthetic_dir, "train", 4, **kw), 2)
+    for a, b in zip(whole, cut):
+        assert torch.equal(a["index"], b["index"])
+        np.testing.assert_allclose(b["audio"].cpu().numpy(), a["audio"].cpu().numpy(), atol=2e-3)
+
+
 def test_frames_and_audio_are_the_planned_window(timed_dir, device):  # noqa: F811
     """Independent check: the timed videos encode frame index and time in pixels and audio."""
     spec = ClipSpec.from_preset("tiny")

@@ -31,9 +31,10 @@ Should DALI still fail on a batch (corrupt packets inside a file), that batch's 
 checked with the PyAV reference decoder, the broken ones are marked, the pipeline is rebuilt
 and the batch is produced again.
 
-Cost note: the audio decoder reads each clip's whole FLAC file (DALI's decoder has no seek), so
-for long source videos (HowTo100M averages minutes) audio decoding, not video, bounds the rate;
-the synthetic set and short clips are not affected.
+Audio cost: DALI's audio decoder has no seek, so files longer than ``WHOLE_FILE_AUDIO_SECONDS``
+(30 s; HowTo100M videos last minutes) are cut to the clip's window (plus a filter margin) with
+libsndfile's FLAC seek in the feeding thread and handed to the same decoder as float WAV;
+shorter files (the synthetic set, short clips) go whole.
 """
 
 from __future__ import annotations
@@ -52,11 +53,15 @@ from vatt_fast.data.pyav_loader import MAX_REPLACEMENTS, BadSample, decode_with_
 from vatt_fast.data.sampler import ClipPlan, ClipSampler, ClipSpec, ShardedSchedule
 from vatt_fast.data.vocab import Vocabulary
 
-__all__ = ["DALILoader", "CPU_CODECS", "GPU_CODECS", "build_clip_pipeline"]
+__all__ = ["DALILoader", "CPU_CODECS", "GPU_CODECS", "WHOLE_FILE_AUDIO_SECONDS", "build_clip_pipeline"]
 
 # Codecs fn.decoders.video reads (DALI 2.4).
 CPU_CODECS = ("vp8", "vp9", "mjpeg")
 GPU_CODECS = ("vp8", "vp9", "mjpeg", "h264", "hevc", "av1", "mpeg4")
+# Audio files longer than this are cut to the clip's window before DALI decodes them.
+WHOLE_FILE_AUDIO_SECONDS = 30.0
+# Extra audio on each side of a cut window: covers DALI's resampling filter (16 lobes at quality 50).
+_AUDIO_MARGIN_SECONDS = 0.05
 # Same rule as the PyAV backend: a file is truncated when < 95% of the window's audio exists.
 _AUDIO_MIN_COVERAGE = 0.95
 
@@ -70,6 +75,7 @@ class _MediaInfo:
     num_frames: int = 0  # video packets (= frames for the stored layout)
     codec: str = ""
     audio_seconds: float = 0.0
+    audio_rate: int = 0
 
 
 def _probe(record: VideoRecord) -> _MediaInfo:
@@ -94,7 +100,8 @@ def _probe(record: VideoRecord) -> _MediaInfo:
         info = sf.info(record.audio)
     except (RuntimeError, OSError) as e:  # soundfile raises LibsndfileError (a RuntimeError)
         return _MediaInfo("unreadable", f"cannot read audio {record.audio}: {e}")
-    return _MediaInfo(None, num_frames=n, codec=codec, audio_seconds=info.frames / max(1, info.samplerate))
+    return _MediaInfo(None, num_frames=n, codec=codec, audio_seconds=info.frames / max(1, info.samplerate),
+                      audio_rate=int(info.samplerate))
 
 
 def _window_problem(plan: ClipPlan, spec: ClipSpec, info: _MediaInfo) -> Optional[Tuple[str, str]]:
@@ -330,9 +337,44 @@ class DALILoader:
             frames.append(np.asarray(plan.frame_indices, dtype=np.int32))
             roi_start.append(np.array([y0, x0], dtype=np.float32))
             roi_end.append(np.array([y1, x1], dtype=np.float32))
-            audio_bytes.append(np.fromfile(plan.audio, dtype=np.uint8))
-            audio_start.append(np.array([int(round(plan.audio_start * self.spec.audio_sample_rate))], dtype=np.int32))
+            encoded, first = self._audio_input(plan)
+            audio_bytes.append(encoded)
+            audio_start.append(np.array([first], dtype=np.int32))
         return video_bytes, frames, roi_start, roi_end, audio_bytes, audio_start
+
+    def _audio_input(self, plan: ClipPlan) -> Tuple[np.ndarray, int]:
+        """Encoded audio for DALI's decoder and the output sample where the clip starts in it.
+
+        Short files go whole (the FLAC bytes). For files longer than
+        :data:`WHOLE_FILE_AUDIO_SECONDS`, decoding the whole file per clip would bound the
+        loader (HowTo100M videos last minutes), so the window plus a filter margin is cut with
+        libsndfile's FLAC seek and handed over as float WAV (exact for any FLAC bit depth); DALI
+        still decodes, downmixes and resamples it. The cut starts on a
+        multiple of ``rate_in / gcd(rate_in, rate_out)`` input samples, so output samples fall on
+        the same time grid as with the whole file.
+        """
+        import io
+
+        import soundfile as sf
+
+        sr_out = int(self.spec.audio_sample_rate)
+        out0 = int(round(plan.audio_start * sr_out))
+        info = self._media[plan.index]
+        if info.audio_seconds <= WHOLE_FILE_AUDIO_SECONDS:
+            return np.fromfile(plan.audio, dtype=np.uint8), out0
+        sr_in = info.audio_rate
+        g = math.gcd(sr_in, sr_out)
+        orig, new = sr_in // g, sr_out // g
+        margin = int(_AUDIO_MARGIN_SECONDS * sr_in) + orig
+        i0 = max(0, (int(plan.audio_start * sr_in) - margin) // orig * orig)
+        i1 = int(math.ceil((plan.audio_start + plan.audio_length) * sr_in)) + margin
+        with sf.SoundFile(plan.audio) as f:
+            f.seek(min(i0, f.frames))
+            pcm = f.read(max(0, min(i1, f.frames) - i0), dtype="float32", always_2d=True)
+            rate = f.samplerate
+        buf = io.BytesIO()
+        sf.write(buf, pcm, rate, format="WAV", subtype="FLOAT")
+        return np.frombuffer(buf.getvalue(), dtype=np.uint8), out0 - (i0 // orig) * new
 
     # --- iteration -----------------------------------------------------------------
     def _start(self) -> None:

@@ -115,9 +115,10 @@ def resample_audio(x: np.ndarray, orig_rate: int, new_rate: int) -> np.ndarray:
 # ------------------------------------------------------------------------------------
 # decoding
 # ------------------------------------------------------------------------------------
-def _frame_index(frame: Any, fps: float, fallback: int) -> int:
+def _frame_index(frame: Any, fps: float) -> Optional[int]:
+    """Frame number of a decoded frame from its timestamp (None when it has none)."""
     if frame.pts is None or frame.time is None:
-        return fallback
+        return None
     return int(round(float(frame.time) * fps))
 
 
@@ -131,10 +132,16 @@ def decode_video_pyav(plan: ClipPlan, spec: ClipSpec) -> np.ndarray:
     import av
     from av.video.reformatter import VideoReformatter
 
-    wanted = sorted(set(plan.frame_indices))
+    wanted_set = set(plan.frame_indices)
+    wanted = sorted(wanted_set)
     first, last = wanted[0], wanted[-1]
     rh, rw = plan.resized
     y, x, size = plan.crop
+    if size != spec.frame_size or y < 0 or x < 0 or y + size > rh or x + size > rw:
+        raise ValueError(
+            f"plan crop {plan.crop} does not fit a {spec.frame_size}-pixel crop in the resized {rh}x{rw} frame; "
+            f"plans must come from ClipSampler with the same ClipSpec"
+        )
     try:
         container = av.open(plan.video)
     except (av.FFmpegError, OSError) as e:
@@ -148,20 +155,25 @@ def decode_video_pyav(plan: ClipPlan, spec: ClipSpec) -> np.ndarray:
         tb = stream.time_base
         for attempt in range(2):
             # First try: nearest keyframe at or before the window; second: from the start.
-            target = 0 if attempt else int(math.floor(first / spec.fps / tb)) if tb else 0
+            target = int(math.floor(first / spec.fps / tb)) if (tb and not attempt) else 0
             try:
                 container.seek(target, stream=stream, backward=True, any_frame=False)
                 count = 0
                 lowest = None
                 for frame in container.decode(stream):
-                    k = _frame_index(frame, spec.fps, count)
+                    k = _frame_index(frame, spec.fps)
+                    if k is None:  # no timestamps: count frames, which is only right from the start
+                        if not attempt:
+                            lowest = first + 1
+                            break
+                        k = count
                     count += 1
                     lowest = k if lowest is None else min(lowest, k)
                     if k in got or k < first:
                         continue
                     if k > last:
                         break
-                    if k in wanted:
+                    if k in wanted_set:
                         img = reformatter.reformat(
                             frame, width=rw, height=rh, format="rgb24", interpolation="BILINEAR"
                         ).to_ndarray()
@@ -180,8 +192,6 @@ def decode_video_pyav(plan: ClipPlan, spec: ClipSpec) -> np.ndarray:
             f"(file shorter than its manifest duration?)",
         )
     clip = np.stack([got[k] for k in plan.frame_indices])
-    if size != spec.frame_size:
-        raise ValueError(f"plan crop size {size} differs from spec.frame_size {spec.frame_size}")
     if plan.flip:
         clip = clip[:, :, ::-1]
     return np.ascontiguousarray(clip)

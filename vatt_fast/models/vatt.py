@@ -26,6 +26,7 @@ from vatt_fast.nn.attention import RelativePositionBias, padding_mask_to_bias, s
 from vatt_fast.nn.embed import AudioPatchEmbed, DropToken, TextEmbed, VideoPatchEmbed
 from vatt_fast.nn.heads import CommonSpaceHeads
 from vatt_fast.nn.transformer import Encoder
+from vatt_fast.nn._init import trunc_normal_
 
 from .config import EncoderConfig, VATTConfig, get_config
 
@@ -58,7 +59,7 @@ class _SharedBackboneAdapter(nn.Module):
     def __init__(self, dim: int) -> None:
         super().__init__()
         self.agg_token = nn.Parameter(torch.zeros(1, 1, dim))
-        nn.init.trunc_normal_(self.agg_token, std=0.02)
+        trunc_normal_(self.agg_token, std=0.02)
         self.input_proj = nn.Linear(dim, dim)
         self.output_proj = nn.Linear(dim, dim)
 

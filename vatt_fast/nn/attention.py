@@ -30,6 +30,8 @@ import math
 from typing import Callable, Dict, List, Optional
 
 import torch
+
+from ._init import trunc_normal_
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -412,7 +414,7 @@ class RelativePositionBias(nn.Module):
         self.max_distance = max_distance
         self.bidirectional = bidirectional
         self.relative_attention_bias = nn.Embedding(num_buckets, num_heads)
-        nn.init.trunc_normal_(self.relative_attention_bias.weight, std=0.02)
+        trunc_normal_(self.relative_attention_bias.weight, std=0.02)
 
     relative_position_bucket = staticmethod(relative_position_bucket)
 

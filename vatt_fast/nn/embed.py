@@ -19,6 +19,8 @@ import math
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
+
+from ._init import trunc_normal_
 import torch.nn.functional as F
 from torch import nn
 
@@ -49,9 +51,9 @@ def _triple(value: Union[int, Sequence[int]], name: str) -> Tuple[int, int, int]
 def trunc_normal_pos_(table: torch.Tensor, std: float = 0.02) -> torch.Tensor:
     """Truncated-normal init at two standard deviations, as TF's ``truncated_normal`` (the release).
 
-    (``nn.init.trunc_normal_``'s default bounds are absolute, +-2, i.e. no truncation at std 0.02.)
+    (``trunc_normal_``'s default bounds are absolute, +-2, i.e. no truncation at std 0.02.)
     """
-    return nn.init.trunc_normal_(table, mean=0.0, std=std, a=-2.0 * std, b=2.0 * std)
+    return trunc_normal_(table, mean=0.0, std=std, a=-2.0 * std, b=2.0 * std)
 
 
 def interpolate_pos_table(table: torch.Tensor, length: int) -> torch.Tensor:

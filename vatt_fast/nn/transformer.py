@@ -12,6 +12,8 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
+
+from ._init import trunc_normal_
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
@@ -98,7 +100,7 @@ def init_weights(module: nn.Module) -> None:
     """ViT/VATT init for one module (use with ``model.apply``): trunc-normal(0.02)
     Linear weights and zero biases, LayerNorm ones and zeros."""
     if isinstance(module, nn.Linear):
-        nn.init.trunc_normal_(module.weight, std=0.02)
+        trunc_normal_(module.weight, std=0.02)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
     elif isinstance(module, nn.LayerNorm):
@@ -180,9 +182,9 @@ class Encoder(nn.Module):
         relative bias table; zero biases; LayerNorm ones and zeros."""
         self.apply(init_weights)
         if self.agg_token is not None:
-            nn.init.trunc_normal_(self.agg_token, std=0.02)
+            trunc_normal_(self.agg_token, std=0.02)
         if self.rel_pos is not None:
-            nn.init.trunc_normal_(self.rel_pos.relative_attention_bias.weight, std=0.02)
+            trunc_normal_(self.rel_pos.relative_attention_bias.weight, std=0.02)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Turn activation checkpointing of the blocks on or off (timm's method name)."""
