@@ -167,6 +167,7 @@ def test_list_file_of_videos(raw, tmp_path):
         list_videos(tmp_path / "nope")
 
 
+@pytest.mark.slow  # first user of `prepared`: ~10 s, mostly two spawned workers importing torch
 def test_manifest_and_failure_list(prepared, raw):
     records = {r.id: r for r in read_manifest(prepared)}
     assert sorted(records) == ["ntsc", "pal", "wide"]

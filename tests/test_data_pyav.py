@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import json
-from collections import Counter
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
-from data_fixtures import BAD_IDS, bad_dir, synthetic_dir  # noqa: F401  (session fixtures)
+from data_fixtures import bad_dir, synthetic_dir  # noqa: F401  (session fixtures)
 from vatt_fast.data import build_loader, read_manifest
 from vatt_fast.data.loader import resolve_backend
 from vatt_fast.data.pyav_loader import decode_with_pyav

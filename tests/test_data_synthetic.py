@@ -12,7 +12,7 @@ from data_fixtures import synthetic_dir  # noqa: F401  (session fixture)
 from vatt_fast.data.manifest import read_manifest
 from vatt_fast.data.pyav_loader import decode_audio_pyav, decode_video_pyav
 from vatt_fast.data.sampler import ClipPlan, ClipSpec
-from vatt_fast.data.synthetic import COLOURS, MOTIONS, SHAPES, ensure_synthetic, generate_synthetic, main
+from vatt_fast.data.synthetic import COLOURS, SHAPES, ensure_synthetic, generate_synthetic, main
 
 _RGB = {"red": (230, 45, 40), "green": (40, 205, 70), "blue": (60, 100, 245), "yellow": (240, 220, 40)}
 _PITCH = {"red": 220.0, "green": 330.0, "blue": 495.0, "yellow": 742.5}

@@ -106,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--precision", default="auto", choices=PRECISIONS, help="auto: bf16 autocast on CUDA, fp32 on CPU")
     a("--device", default="auto", choices=DEVICES, help="auto: CUDA when available (cuda:LOCAL_RANK under torchrun)")
     a("--compile", action="store_true", help="torch.compile the model")
+    a("--compile-backend", default="inductor", help="torch.compile backend with --compile (inductor; aot_eager or "
+      "eager to debug a compile problem)")
     a("--activation-checkpointing", action="store_true", help="recompute each Transformer block in backward")
     a("--kernels", default="auto", choices=KERNELS, help="fused-kernel implementation (auto: Triton on CUDA)")
     a("--attention", default="auto", choices=ATTENTION, help="attention backend")
@@ -509,11 +511,11 @@ def _log_window(run: RunState, window: Dict[str, Any], global_batch: int, flops_
     if run.peak_flops:
         row["mfu"] = flops_per_step * steps / elapsed / (run.peak_flops * run.world_size)
     h = run.history
-    # Run averages skip the first window (compilation, worker start-up).
-    if h.get("windows", 0) > 0 or run.args.steps <= run.args.log_every:
-        h["timed_steps"] = h.get("timed_steps", 0) + steps
-        h["timed_s"] = h.get("timed_s", 0.0) + elapsed
-        h["wait_s"] = h.get("wait_s", 0.0) + window["wait"]
+    # Run averages skip the first window (compilation, worker start-up) when there are others.
+    prefix = "timed" if h.get("windows", 0) > 0 else "first"
+    h[f"{prefix}_steps"] = h.get(f"{prefix}_steps", 0) + steps
+    h[f"{prefix}_s"] = h.get(f"{prefix}_s", 0.0) + elapsed
+    h[f"{prefix}_wait_s"] = h.get(f"{prefix}_wait_s", 0.0) + window["wait"]
     h["windows"] = h.get("windows", 0) + 1
     h["last_clips_per_s"] = clips_per_s
     run.log_row(row)
@@ -840,15 +842,16 @@ def plot_curves(run_dir: Path) -> Optional[Path]:
     ax1.set_xlabel("step")
     ax1.set_ylabel("loss")
     ax1.set_title("training loss")
-    ax1.legend()
     for key, label in (("t2v_r1", "text->video R@1"), ("v2a_r1", "video->audio R@1"), ("chance_r1", "chance R@1")):
         pts = [(r["step"], 100 * r[key]) for r in evals if key in r]
         if pts:
             ax2.plot(*zip(*pts), marker="o", linestyle="--" if key == "chance_r1" else "-", label=label)
     ax2.set_xlabel("step")
     ax2.set_ylabel("%")
-    ax2.set_title("zero-shot retrieval")
-    ax2.legend()
+    ax2.set_title("zero-shot retrieval" if evals else "zero-shot retrieval (no evaluation yet)")
+    for ax in (ax1, ax2):
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
     fig.tight_layout()
     out = run_dir / "curves.png"
     fig.savefig(out, dpi=100)
@@ -858,7 +861,9 @@ def plot_curves(run_dir: Path) -> Optional[Path]:
 
 def _write_summary(run: RunState, status: str, wall_s: float) -> Dict[str, Any]:
     h = run.history
-    clips_per_s = run.args.batch_size * h["timed_steps"] / h["timed_s"] if h.get("timed_s") else float("nan")
+    prefix = "timed" if h.get("timed_s") else "first"
+    timed_s = h.get(f"{prefix}_s", 0.0)
+    clips_per_s = run.args.batch_size * h.get(f"{prefix}_steps", 0) / timed_s if timed_s else float("nan")
     summary: Dict[str, Any] = {
         "status": status,
         "preset": run.config.name,
@@ -872,7 +877,7 @@ def _write_summary(run: RunState, status: str, wall_s: float) -> Dict[str, Any]:
         "mfu": (train_step_flops(run.config, run.args.batch_size) * clips_per_s / run.args.batch_size
                 / (run.peak_flops * run.world_size)) if run.peak_flops else None,  # fmt: skip
         "peak_tflops": run.peak_flops / 1e12 if run.peak_flops else None,
-        "data_wait": h["wait_s"] / h["timed_s"] if h.get("timed_s") else None,
+        "data_wait": h[f"{prefix}_wait_s"] / timed_s if timed_s else None,
         "final_loss": run.last_loss,
         "nonfinite_steps": run.nonfinite_steps,
         "bad_data": dict(getattr(run.train_loader, "bad_data", {}) or {}),
@@ -969,7 +974,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         raw_model = model
     optimizer = _build_optimizer(model, args, config, device)
     if args.compile:
-        model.compile()
+        model.compile(backend=args.compile_backend)
     loss_fn = VATTLoss(tau=config.tau, impl=args.kernels)
     peak = args.peak_tflops * 1e12 if args.peak_tflops else peak_flops(device, torch.bfloat16 if precision == "bf16" else torch.float32)
     if peak is None and device.type == "cpu":
@@ -1061,7 +1066,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
             print(f"\nZero-shot retrieval on the {args.eval_split!r} split after {run.step} steps "
                   f"({summary.get('eval_clips', '?')} clips; R@K in %):")  # fmt: skip
             print(format_retrieval_table(run.last_eval))
-        print(f"run folder: {run_dir}  ({summary['wall_s']:.0f} s, {summary['clips_per_s']:.1f} clips/s)")
+        speed = f", {summary['clips_per_s']:.1f} clips/s" if summary.get("clips_per_s") else ""
+        print(f"run folder: {run_dir}  ({summary['wall_s']:.0f} s{speed})")
     if is_dist():
         dist.barrier()
     return summary

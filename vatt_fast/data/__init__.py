@@ -3,17 +3,10 @@
 See ``vatt_fast.data.loader.build_loader`` for the batch contract.
 """
 
+from vatt_fast.data.loader import build_loader
 from vatt_fast.data.manifest import Caption, VideoRecord, read_manifest, write_manifest
-from vatt_fast.data.sampler import ClipPlan, ClipSampler, ClipSpec
+from vatt_fast.data.sampler import ClipPlan, ClipSampler, ClipSpec, ShardedSchedule
 from vatt_fast.data.vocab import Vocabulary
-
-
-def build_loader(*args, **kwargs):
-    """See :func:`vatt_fast.data.loader.build_loader` (imported lazily: it pulls in torch workers)."""
-    from vatt_fast.data.loader import build_loader as _build_loader
-
-    return _build_loader(*args, **kwargs)
-
 
 __all__ = [
     "build_loader",
@@ -23,6 +16,7 @@ __all__ = [
     "ClipSpec",
     "ClipSampler",
     "ClipPlan",
+    "ShardedSchedule",
     "Caption",
     "VideoRecord",
 ]

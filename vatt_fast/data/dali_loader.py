@@ -6,8 +6,8 @@ so both backends give the same clips for the same seed:
 
 * a Python ``fn.external_source`` walks the shared :class:`ShardedSchedule`, draws each
   record's plan with the shared :class:`ClipSampler`, and feeds per sample: the encoded video
-  file bytes, the plan's frame indices, the crop/flip as a resize region of interest, the FLAC
-  bytes and the audio start sample;
+  file bytes, the plan's frame indices, the crop/flip as a resize region of interest, the audio
+  bytes (see "Audio cost" below) and the audio start sample;
 * ``fn.decoders.video`` decodes exactly those frames (``device="mixed"``: NVDEC, VP9/H.264/HEVC;
   ``device="cpu"``: libavcodec, VP8/VP9/MJPEG only);
 * ``fn.resize`` with an absolute ROI does the short-side resize, the crop and the flip in one
@@ -22,13 +22,14 @@ so both backends give the same clips for the same seed:
 Outputs are copied out of DALI's buffers (which DALI reuses at the next iteration) into fresh
 torch tensors with ``feed_ndarray``: device to device on the GPU, no host round trip.
 
-Bad data: before a record is fed, a cached probe checks that the video opens, has a video
-stream and enough packets for the window (DALI pads missing frames with black silently), and
-that the audio file exists and covers the window. A failing record is replaced by the next
+Bad data: before a record is fed, a probe (once per record, in ``num_workers`` threads for a
+batch's new records) checks that the video opens, has a video stream and enough packets for
+the window (DALI pads missing frames with black silently), and that the audio file exists
+and covers the window. A failing record is replaced by the next
 one (``index + 1`` ..., as the PyAV backend does) and counted under ``unreadable``,
 ``truncated`` or ``missing_audio``; clips kept but padded count as ``short`` / ``no_captions``.
-Should DALI still fail on a batch (corrupt packets inside a file), that batch's records are
-checked with the PyAV reference decoder, the broken ones are marked, the pipeline is rebuilt
+Should DALI still fail (corrupt packets inside a file), the records of the batches in flight
+are checked with the PyAV reference decoder, the broken ones are marked, the pipeline is rebuilt
 and the batch is produced again.
 
 Audio cost: DALI's audio decoder has no seek, so files longer than ``WHOLE_FILE_AUDIO_SECONDS``
@@ -225,6 +226,7 @@ class DALILoader:
         self._media: Dict[int, _MediaInfo] = {}
         self._broken: Dict[int, Tuple[str, str]] = {}  # records DALI failed on, found by the reference decoder
         self._pipe: Any = None
+        self._probe_pool: Any = None
         self._pending: Deque[Dict[str, Any]] = deque()
 
     # --- the loader API ------------------------------------------------------------
@@ -252,8 +254,11 @@ class DALILoader:
         self._bad = Counter(state.get("bad_data", {}))
 
     def close(self) -> None:
-        """Release the DALI pipeline (and its buffers)."""
+        """Release the DALI pipeline (and its buffers) and the probing threads."""
         self._shutdown()
+        if self._probe_pool is not None:
+            self._probe_pool.shutdown(wait=True)
+            self._probe_pool = None
 
     def __iter__(self) -> Iterator[Dict[str, torch.Tensor]]:
         self._shutdown()
@@ -266,15 +271,27 @@ class DALILoader:
         info = self._media.get(i)
         if info is None:
             info = self._media[i] = _probe(self.records[i])
-            if info.kind is None:
-                allowed = GPU_CODECS if self.gpu else CPU_CODECS
-                if info.codec not in allowed:
-                    raise ValueError(
-                        f"{self.records[i].video} is {info.codec}, which DALI's "
-                        f"{'GPU' if self.gpu else 'CPU'} decoder cannot read (it reads {', '.join(allowed)}); "
-                        f"prepare the dataset with --codec vp9, run on a GPU, or use backend='pyav'"
-                    )
+        if info.kind is None:
+            allowed = GPU_CODECS if self.gpu else CPU_CODECS
+            if info.codec not in allowed:
+                raise ValueError(
+                    f"{self.records[i].video} is {info.codec}, which DALI's "
+                    f"{'GPU' if self.gpu else 'CPU'} decoder cannot read (it reads {', '.join(allowed)}); "
+                    f"prepare the dataset with --codec vp9, run on a GPU, or use backend='pyav'"
+                )
         return info
+
+    def _probe_ahead(self, indices: np.ndarray) -> None:
+        """Probe the batch's records not seen yet, in parallel (the first epoch's cost)."""
+        todo = sorted({int(i) for i in indices} - set(self._media))
+        if len(todo) < 2:
+            return
+        if self._probe_pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._probe_pool = ThreadPoolExecutor(self.num_threads, thread_name_prefix="dali-probe")
+        for i, info in zip(todo, self._probe_pool.map(lambda j: _probe(self.records[j]), todo)):
+            self._media[i] = info
 
     def _sample(self, epoch: int, index: int) -> Tuple[ClipPlan, List[str]]:
         """The plan for ``index`` (or its replacement) and the bad-data kinds met on the way."""
@@ -316,6 +333,7 @@ class DALILoader:
             epoch, b, indices = next(schedule_it)
         except StopIteration:
             raise StopIteration from None
+        self._probe_ahead(indices)
         plans, bad = [], Counter()
         for idx in indices:
             plan, kinds = self._sample(epoch, int(idx))
@@ -432,22 +450,25 @@ class DALILoader:
         self._pipe = None
 
     def _recover(self, error: Exception) -> None:
-        """DALI failed on the next batch: find its broken records with the reference decoder,
-        mark them, and restart the pipeline at that batch (its clips are drawn again)."""
+        """DALI failed on a batch in flight: find the broken records of the batches it was
+        preparing with the reference decoder, mark them, and restart the pipeline at the
+        oldest of those batches (their clips are drawn again, with replacements)."""
         if not self._pending:
             raise error
         meta = self._pending[0]
         found = False
-        for plan in meta["plans"]:
-            try:
-                decode_with_pyav(plan, self.spec)
-            except BadSample as e:
-                self._broken[plan.index] = (e.kind, str(e))
-                found = True
+        for pending in self._pending:
+            for plan in pending["plans"]:
+                try:
+                    decode_with_pyav(plan, self.spec)
+                except BadSample as e:
+                    self._broken[plan.index] = (e.kind, str(e))
+                    found = True
         if not found:
             raise RuntimeError(
-                f"DALI failed on batch {meta['batch']} of epoch {meta['epoch']}, but the PyAV reference decodes "
-                f"every clip of it; this is a DALI problem, not bad data: {error}"
+                f"DALI failed while preparing batch {meta['batch']} of epoch {meta['epoch']} (or the next ones in "
+                f"flight), but the PyAV reference decodes every clip of them; this is a DALI problem, not bad "
+                f"data: {error}"
             ) from error
         self._pipe = None
         self._epoch, self._batch = meta["epoch"], meta["batch"]
@@ -456,6 +477,12 @@ class DALILoader:
     def _shutdown(self) -> None:
         self._pipe = None
         self._pending.clear()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
 
     def __repr__(self) -> str:
         return (

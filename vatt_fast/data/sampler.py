@@ -24,6 +24,9 @@ Geometry of a plan (all backends must follow it):
 * Captions: among the captions with at least one word, the K nearest the window
   (distance 0 when they overlap it; ties: larger overlap, then earlier start), in that
   order; slots without a caption are padding with ``text_mask`` False.
+
+:class:`ShardedSchedule` fixes which records each batch of each epoch holds on each rank,
+so every backend iterates, shards and resumes identically.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from __future__ import annotations
 import math
 import threading
 from dataclasses import dataclass, fields
-from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Dict, Iterator, List, Tuple, Union
 
 import numpy as np
 
@@ -39,7 +42,15 @@ from vatt_fast.data.manifest import Caption, VideoRecord
 from vatt_fast.data.vocab import Vocabulary
 from vatt_fast.models.config import VATTConfig, get_config
 
-__all__ = ["ClipSpec", "ClipPlan", "ClipSampler", "ShardedSchedule", "resized_size", "probe_video_size", "select_captions"]
+__all__ = [
+    "ClipSpec",
+    "ClipPlan",
+    "ClipSampler",
+    "ShardedSchedule",
+    "resized_size",
+    "probe_video_size",
+    "select_captions",
+]
 
 
 @dataclass(frozen=True)

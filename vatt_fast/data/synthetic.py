@@ -41,11 +41,11 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from vatt_fast.data.manifest import MANIFEST_NAME, VOCAB_NAME, Caption, VideoRecord, write_manifest
+from vatt_fast.data.manifest import MANIFEST_NAME, VOCAB_NAME
 from vatt_fast.data.vocab import Vocabulary
 
 __all__ = [
