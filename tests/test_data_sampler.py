@@ -151,7 +151,8 @@ def test_schedule_errors_name_the_values():
 @pytest.mark.parametrize("orig,new", [(48_000, 8_000), (48_000, 16_000), (44_100, 8_000), (8_000, 11_025)])
 def test_resample_matches_band_limited_signal(orig, new):
     rng = np.random.default_rng()
-    freqs = rng.uniform(50, 0.4 * min(orig, new), size=3)
+    # Inside the pass band: the windowed-sinc filter (rolloff 0.99) attenuates from ~0.4 of the rate on.
+    freqs = rng.uniform(50, 0.35 * min(orig, new), size=3)
     n = int(rng.integers(9000, 12000))
 
     def signal(t):

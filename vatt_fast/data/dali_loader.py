@@ -49,9 +49,10 @@ from typing import Any, Deque, Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from vatt_fast.data.base import ClipLoaderBase
 from vatt_fast.data.manifest import VideoRecord
 from vatt_fast.data.pyav_loader import MAX_REPLACEMENTS, BadSample, decode_with_pyav
-from vatt_fast.data.sampler import ClipPlan, ClipSampler, ClipSpec, ShardedSchedule
+from vatt_fast.data.sampler import ClipPlan, ClipSpec
 from vatt_fast.data.vocab import Vocabulary
 
 __all__ = ["DALILoader", "CPU_CODECS", "GPU_CODECS", "WHOLE_FILE_AUDIO_SECONDS", "build_clip_pipeline"]
@@ -159,7 +160,7 @@ def build_clip_pipeline(source: Any, spec: ClipSpec, batch_size: int, *, gpu: bo
     return pipe
 
 
-class DALILoader:
+class DALILoader(ClipLoaderBase):
     """Loader over a DALI pipeline (see ``build_loader`` for the API and batch contract).
 
     Args:
@@ -204,54 +205,22 @@ class DALILoader:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         if not records:
             raise ValueError("DALILoader needs at least one record; the split is empty")
+        super().__init__(records, spec, vocab, batch_size, train=train, seed=seed, rank=rank,
+                         world_size=world_size, drop_last=drop_last, bad_data=bad_data)
         if device is None:
             device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
         self.device = torch.device(device) if device is not None else None
         self.gpu = self.device is not None and self.device.type == "cuda"
         if self.gpu and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
-        self.spec = spec
-        self.train = bool(train)
-        self.seed = int(seed)
         self.num_threads = max(1, int(num_workers))
         self.pin_memory = bool(pin_memory)
         self.prefetch = max(1, int(prefetch_factor))
-        self.records = list(records)
-        self.with_label = any(r.label is not None for r in self.records)
-        self.sampler = ClipSampler(spec, vocab, train=train, seed=seed)
-        self.schedule = ShardedSchedule(len(self.records), batch_size, train=train, seed=seed, rank=rank,
-                                        world_size=world_size, drop_last=drop_last)
-        self._epoch, self._batch = 0, 0
-        self._bad: Counter = Counter(bad_data or {})
         self._media: Dict[int, _MediaInfo] = {}
         self._broken: Dict[int, Tuple[str, str]] = {}  # records DALI failed on, found by the reference decoder
         self._pipe: Any = None
         self._probe_pool: Any = None
         self._pending: Deque[Dict[str, Any]] = deque()
-
-    # --- the loader API ------------------------------------------------------------
-    def __len__(self) -> int:
-        return self.schedule.batches_per_epoch
-
-    @property
-    def batch_size(self) -> int:
-        return self.schedule.batch_size
-
-    @property
-    def bad_data(self) -> Dict[str, int]:
-        """Counts per kind of bad sample met so far (replaced or padded), plus manifest rows left out."""
-        return dict(self._bad)
-
-    def state_dict(self) -> Dict[str, Any]:
-        """Position of the next batch (epoch, batch) and the bad-data counts."""
-        return {"epoch": self._epoch, "batch": self._batch, "bad_data": dict(self._bad), **self.schedule.identity()}
-
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
-        """Continue exactly where ``state`` was taken (the same batches follow)."""
-        self.schedule.check_identity(state)
-        self._shutdown()
-        self._epoch, self._batch = int(state["epoch"]), int(state["batch"])
-        self._bad = Counter(state.get("bad_data", {}))
 
     def close(self) -> None:
         """Release the DALI pipeline (and its buffers) and the probing threads."""
@@ -262,8 +231,7 @@ class DALILoader:
 
     def __iter__(self) -> Iterator[Dict[str, torch.Tensor]]:
         self._shutdown()
-        if not self.train and self._batch >= self.schedule.batches_per_epoch:
-            self._epoch, self._batch = self._epoch + 1, 0
+        self._restart_eval_pass()
         return self._generate()
 
     # --- feeding -------------------------------------------------------------------

@@ -22,7 +22,7 @@ from typing import Any, Dict, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
-from vatt_fast.nn.attention import RelativePositionBias, padding_mask_to_bias, set_attention_backend
+from vatt_fast.nn.attention import RelativePositionBias, set_attention_backend
 from vatt_fast.nn.embed import AudioPatchEmbed, DropToken, TextEmbed, VideoPatchEmbed
 from vatt_fast.nn.heads import CommonSpaceHeads
 from vatt_fast.nn.transformer import Encoder
