@@ -76,7 +76,8 @@ def _model_and_opt():
 def test_save_load_round_trip(tmp_path):
     model, opt = _model_and_opt()
     root = tmp_path / "checkpoints"
-    path = save_checkpoint(root, 7, model, opt, {"loader": {"epoch": 1, "batch": 3}, "schedule": {"lr": 0.1}}, {"preset": "tiny"})
+    path = save_checkpoint(root, 7, model, opt, {"schedule": {"lr": 0.1}}, {"preset": "tiny"},
+                           per_rank={"loader": {"epoch": 1, "batch": 3}})  # fmt: skip
     assert path == root / "step-00000007"
     assert read_meta(path)["step"] == 7 and read_meta(path)["preset"] == "tiny"
     cfg = read_weights_config(path / WEIGHTS_NAME)
@@ -85,7 +86,8 @@ def test_save_load_round_trip(tmp_path):
     model2, opt2 = create_model("tiny", vocab_size=37, num_captions=3), None
     opt2 = torch.optim.AdamW(model2.parameters(), lr=1e-3)
     state = load_checkpoint(path, model2, opt2)
-    assert state["step"] == 7 and state["loader"] == {"epoch": 1, "batch": 3} and state["schedule"] == {"lr": 0.1}
+    assert state["step"] == 7 and state["schedule"] == {"lr": 0.1}
+    assert state["per_rank"] == [{"loader": {"epoch": 1, "batch": 3}}] and len(state["rng"]) == 1
     for (k, v), v2 in zip(model.state_dict().items(), model2.state_dict().values()):
         torch.testing.assert_close(v2, v, rtol=0, atol=0, msg=k)
     s1, s2 = opt.state_dict()["state"], opt2.state_dict()["state"]

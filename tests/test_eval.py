@@ -6,14 +6,13 @@ import subprocess
 
 import pytest
 
-from train_fixtures import PYTHON, subprocess_env, tiny_data, tiny_run  # noqa: F401
+from train_fixtures import PYTHON, subprocess_env, tiny_data_fixture, tiny_run_fixture  # noqa: F401
 from vatt_fast.eval import load_model, main
-from vatt_fast.train import evaluate
 
 
 def test_retrieval_matches_the_trainer(tiny_run, tiny_data, tmp_path, capsys):
     out = tmp_path / "r.json"
-    res = main(["--checkpoint", str(tiny_run), "--data", str(tiny_data), "--task", "retrieval", "--workers", "0",
+    res = main(["--checkpoint", str(tiny_run), "--data", str(tiny_data), "--task", "retrieval", "--workers", "0", "--device", "cpu", "--loader", "pyav",
                 "--out", str(out)])  # fmt: skip
     printed = capsys.readouterr().out
     assert "t2v" in printed and "v2t" in printed and "v2a" in printed and "chance" in printed
@@ -30,13 +29,13 @@ def test_retrieval_matches_the_trainer(tiny_run, tiny_data, tmp_path, capsys):
 def test_retrieval_from_a_lone_safetensors_file(tiny_run, tiny_data, tmp_path):
     weights = tmp_path / "model.safetensors"
     shutil.copyfile(tiny_run / "checkpoints" / "step-00000004" / "model.safetensors", weights)
-    res = main(["--checkpoint", str(weights), "--data", str(tiny_data), "--workers", "0"])
-    ref = main(["--checkpoint", str(tiny_run), "--data", str(tiny_data), "--workers", "0"])
+    res = main(["--checkpoint", str(weights), "--data", str(tiny_data), "--workers", "0", "--device", "cpu", "--loader", "pyav"])
+    ref = main(["--checkpoint", str(tiny_run), "--data", str(tiny_data), "--workers", "0", "--device", "cpu", "--loader", "pyav"])
     assert res["t2v"] == ref["t2v"]
 
 
 def test_linear_probe(tiny_run, tiny_data, capsys):
-    res = main(["--checkpoint", str(tiny_run), "--data", str(tiny_data), "--task", "linear-probe", "--workers", "0"])
+    res = main(["--checkpoint", str(tiny_run), "--data", str(tiny_data), "--task", "linear-probe", "--workers", "0", "--device", "cpu", "--loader", "pyav"])
     for name in ("video", "audio"):
         assert 0.0 <= res[name]["accuracy"] <= 1.0 and res[name]["num_classes"] >= 2
     assert res["train_clips"] == 21 and res["test_clips"] == 3
@@ -67,10 +66,14 @@ def test_errors(tiny_run, tiny_data, tmp_path):
         main(["--checkpoint", str(tiny_run), "--data", str(other)])
 
 
+def test_unknown_task_names_the_choices(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--checkpoint", str(tmp_path), "--task", "probe"])
+    assert exc.value.code == 2
+    assert "invalid choice: 'probe'" in capsys.readouterr().err
+
+
 def test_cli_reports_errors_in_one_line(tmp_path):
-    proc = subprocess.run([PYTHON, "-m", "vatt_fast.eval", "--checkpoint", str(tmp_path), "--task", "probe"],
-                          env=subprocess_env(), capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert proc.returncode == 2 and "invalid choice: 'probe'" in proc.stderr
     proc = subprocess.run([PYTHON, "-m", "vatt_fast.eval", "--checkpoint", str(tmp_path / "x")],
                           env=subprocess_env(), capture_output=True, text=True, timeout=120)  # fmt: skip
     assert proc.returncode == 1 and proc.stderr.startswith("error: no checkpoint at")

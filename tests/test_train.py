@@ -5,13 +5,12 @@ import math
 import signal
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from train_fixtures import PYTHON, read_rows, subprocess_env, tiny_data, tiny_run, train_argv  # noqa: F401
+from train_fixtures import PYTHON, read_rows, subprocess_env, tiny_data_fixture, tiny_run_fixture, train_argv  # noqa: F401
 from vatt_fast import train as train_mod
 from vatt_fast.train import NonFiniteLossError, build_parser, lr_at, main, parse_args
 
@@ -125,7 +124,7 @@ def test_resume_is_exact(tiny_data, tmp_path):
     assert summary["steps"] == 6
     straight, split = _losses(tmp_path / "straight"), _losses(tmp_path / "split")
     assert [s for s, _ in split] == [1, 2, 3, 4, 5, 6]
-    assert [l for _, l in split] == [l for _, l in straight]  # bit-for-bit on CPU
+    assert [loss for _, loss in split] == [loss for _, loss in straight]  # bit-for-bit on CPU
 
 
 def test_resume_auto_without_checkpoint_starts_fresh(tiny_data, tmp_path):
@@ -206,7 +205,7 @@ def test_nonfinite_loss_is_skipped_and_counted(tiny_data, tmp_path, monkeypatch)
     summary = main(train_argv(tiny_data, tmp_path / "r", 4))
     assert summary["nonfinite_steps"] == 1 and summary["steps"] == 4 and math.isfinite(summary["final_loss"])
     rows = read_rows(tmp_path / "r")
-    assert math.isnan(rows[1]["loss"]) and all(math.isfinite(r["loss"]) for i, r in enumerate(rows) if i != 1)
+    assert rows[1]["loss"] is None and all(math.isfinite(r["loss"]) for i, r in enumerate(rows) if i != 1)
 
 
 def test_repeated_nonfinite_losses_stop_the_run(tiny_data, tmp_path, monkeypatch):
@@ -223,7 +222,7 @@ def test_activation_checkpointing_gives_the_same_losses(tiny_data, tmp_path):
     main(train_argv(tiny_data, tmp_path / "a", 2, 4, *base))
     main(train_argv(tiny_data, tmp_path / "b", 2, 4, *base, "--activation-checkpointing"))
     a, b = _losses(tmp_path / "a"), _losses(tmp_path / "b")
-    assert [l for _, l in a] == pytest.approx([l for _, l in b], rel=1e-5)
+    assert [loss for _, loss in a] == pytest.approx([loss for _, loss in b], rel=1e-5)
 
 
 def test_bf16_autocast_on_cpu(tiny_data, tmp_path):
@@ -238,7 +237,7 @@ def test_compile(tiny_data, tmp_path):
     # aot_eager traces forward and backward as inductor does, without the C++ compile (minutes on 2 cores).
     main(train_argv(tiny_data, tmp_path / "compiled", 2, 4, *base, "--compile", "--compile-backend", "aot_eager"))
     eager, compiled = _losses(tmp_path / "eager"), _losses(tmp_path / "compiled")
-    assert [l for _, l in compiled] == pytest.approx([l for _, l in eager], rel=1e-4)
+    assert [loss for _, loss in compiled] == pytest.approx([loss for _, loss in eager], rel=1e-4)
 
 
 @pytest.mark.slow
@@ -268,3 +267,22 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_data, tmp_path):
     # ...and the run continues from there.
     resumed = main(train_argv(tiny_data, out, summary["steps"] + 1, 4, "--resume", "auto", "--save-every", "0"))
     assert resumed["steps"] == summary["steps"] + 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_run_bf16(tiny_data, tmp_path):
+    argv = train_argv(tiny_data, tmp_path / "r", 3, 8)
+    argv[argv.index("--device") + 1] = "cuda"
+    argv[argv.index("--loader") + 1] = "auto"
+    argv.remove("--peak-tflops")
+    argv.remove("0.1")
+    summary = main(argv)
+    assert summary["precision"] == "bf16" and summary["device"] != "cpu"
+    assert math.isfinite(summary["final_loss"]) and summary["mfu"] is not None and summary["clips_per_s"] > 0
+
+
+def test_resume_with_other_world_size_fails_before_work(tiny_run, tmp_path, monkeypatch):
+    monkeypatch.setattr(train_mod, "_init_distributed", lambda device: None)
+    monkeypatch.setattr(train_mod, "get_world_size", lambda: 2)
+    with pytest.raises(ValueError, match=r"written by 1 rank\(s\) but this run has 2; .* resume with 1 process"):
+        main(["--resume", str(tiny_run), "--out", str(tmp_path / "o"), "--no-progress", "--device", "cpu"])

@@ -1,6 +1,8 @@
 """Shared fixtures for the trainer/eval tests: one small synthetic dataset and one trained run per session.
 
-Import the fixtures into a test module with ``from train_fixtures import tiny_data, tiny_run``.
+Import the fixtures into a test module with
+``from train_fixtures import tiny_data_fixture, tiny_run_fixture  # noqa: F401``; tests then
+request them as ``tiny_data`` and ``tiny_run``.
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ import pytest
 SYNTH_KW = dict(videos=24, seed=0, short_side=40, segments=2, segment_seconds=1.5)
 
 
-@pytest.fixture(scope="session")
-def tiny_data(tmp_path_factory) -> Path:
+@pytest.fixture(scope="session", name="tiny_data")
+def tiny_data_fixture(tmp_path_factory) -> Path:
     """A small synthetic dataset in the vatt_fast layout (generated once per session)."""
     from vatt_fast.data.synthetic import generate_synthetic
 
@@ -28,16 +30,19 @@ def tiny_data(tmp_path_factory) -> Path:
 
 
 def train_argv(data: Path, out: Path, steps: int = 3, batch_size: int = 4, *extra: str) -> List[str]:
-    """Arguments of a fast in-process training run (no workers, no progress bar, no periodic eval)."""
+    """Arguments of a fast in-process CPU training run (no workers, no progress bar, no periodic eval).
+
+    The device is pinned to the CPU (where runs are bit-for-bit reproducible) even on a GPU
+    machine; the CUDA path has its own test."""
     return [
         "--data", str(data), "--out", str(out), "--steps", str(steps), "--batch-size", str(batch_size),
         "--log-every", "1", "--eval-every", "0", "--workers", "0", "--no-progress", "--peak-tflops", "0.1",
-        *extra,
+        "--device", "cpu", "--loader", "pyav", *extra,
     ]  # fmt: skip
 
 
-@pytest.fixture(scope="session")
-def tiny_run(tiny_data, tmp_path_factory) -> Path:
+@pytest.fixture(scope="session", name="tiny_run")
+def tiny_run_fixture(tiny_data, tmp_path_factory) -> Path:
     """The run folder of a 4-step tiny training run on :func:`tiny_data`."""
     from vatt_fast.train import main
 

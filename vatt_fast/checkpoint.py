@@ -224,6 +224,7 @@ def save_checkpoint(
     state: Dict[str, Any],
     meta: Dict[str, Any],
     keep: int = 3,
+    per_rank: Optional[Dict[str, Any]] = None,
 ) -> Optional[Path]:
     """Save a checkpoint atomically; every rank calls it, rank 0 writes.
 
@@ -237,6 +238,8 @@ def save_checkpoint(
             numbers, strings, lists and dicts only. RNG states of every rank are added.
         meta: JSON-serialisable description (preset, args) for ``meta.json``.
         keep: how many checkpoints to keep (older ones are deleted); 0 keeps all.
+        per_rank: state that differs between ranks (e.g. each rank's loader position),
+            gathered and stored as ``state["per_rank"][rank]`` (also without a process group).
 
     Returns:
         The checkpoint folder on rank 0, None on other ranks.
@@ -245,10 +248,12 @@ def save_checkpoint(
     weights = get_model_state_dict(model, options=opts)
     optim_state = get_optimizer_state_dict(model, optimizer, options=opts) if optimizer is not None else None
     rngs: List[Dict[str, Any]] = [rng_state()]
+    ranks: List[Any] = [per_rank or {}]
     if is_dist():
         gathered: List[Any] = [None] * get_world_size()
-        dist.all_gather_object(gathered, rngs[0])
-        rngs = gathered
+        dist.all_gather_object(gathered, (rngs[0], ranks[0]))
+        rngs, ranks = [g[0] for g in gathered], [g[1] for g in gathered]
+    state = {**state, "per_rank": ranks}
     path: Optional[Path] = None
     if get_rank() == 0:
         path = _write(Path(root), step, model, weights, optim_state, state, rngs, meta, keep)

@@ -34,7 +34,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -328,7 +328,8 @@ class RunState:
         if not self.is_main:
             return
         if self.metrics_file is not None:
-            self.metrics_file.write(json.dumps(row) + "\n")
+            clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+            self.metrics_file.write(json.dumps(clean) + "\n")  # strict JSON: NaN/inf become null
             self.metrics_file.flush()
         if self.writer is not None:
             for key, value in row.items():
@@ -387,8 +388,16 @@ def _train_step(run: RunState, batch: Dict[str, torch.Tensor]) -> Optional[Dict[
     # DDP/FSDP average gradients over ranks; the loss gives each rank the single-process
     # gradient of its rows, so scale by the world size to get the global-batch gradient.
     (loss * run.world_size if run.world_size > 1 else loss).backward()
+    # The global gradient norm (clipped to --grad-clip when set); logged, and a check on
+    # distributed runs: it must equal one process's on the same global batch.
+    max_norm = run.args.grad_clip if run.args.grad_clip > 0 else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_([p for p in run.model.parameters() if p.grad is not None], max_norm)
+    if hasattr(grad_norm, "full_tensor"):  # FSDP2: a replicated DTensor
+        grad_norm = grad_norm.full_tensor()
     keys = ["loss"] + sorted(k for k in losses if k != "loss")
-    values = torch.stack([losses[k].detach().float() for k in keys]).tolist()  # one device sync
+    tensors = [losses[k].detach().float() for k in keys] + [grad_norm.detach().float().to(loss.device)]
+    values = torch.stack(tensors).tolist()  # one device sync
+    keys.append("grad_norm")
     if not math.isfinite(values[0]):
         run.optimizer.zero_grad(set_to_none=True)
         run.nonfinite_steps += 1
@@ -402,8 +411,6 @@ def _train_step(run: RunState, batch: Dict[str, torch.Tensor]) -> Optional[Dict[
             )
         return None
     run.consecutive_nonfinite = 0
-    if run.args.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.args.grad_clip)
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     return {**dict(zip(keys, values)), "lr": lr}
@@ -439,10 +446,14 @@ def train_steps(run: RunState, stop_step: int, batches: _Batches) -> str:
     if run.is_main and not args.no_progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=stop_step, initial=run.step, desc="train", unit="step", dynamic_ncols=True)
+        bar = tqdm(total=stop_step, initial=run.step, desc="train", unit="step", dynamic_ncols=True, disable=None)
     window = {"t0": time.perf_counter(), "steps": 0, "wait": 0.0, "sums": {}}
     run.model.train()
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    redirect = logging_redirect_tqdm([logging.getLogger("vatt_fast")]) if bar is not None else contextlib.nullcontext()
     try:
+        redirect.__enter__()
         while run.step < stop_step:
             if _stop_requested(run):
                 return _interrupt(run)
@@ -479,6 +490,7 @@ def train_steps(run: RunState, stop_step: int, batches: _Batches) -> str:
                 _save(run)
                 window["t0"] = time.perf_counter()
     finally:
+        redirect.__exit__(None, None, None)
         if bar is not None:
             bar.close()
     return "done"
@@ -496,7 +508,7 @@ def _log_window(run: RunState, window: Dict[str, Any], global_batch: int, flops_
     sums = window["sums"]
     n = sums.get("_n", 0)
     row: Dict[str, Any] = {"kind": "train", "step": run.step}
-    for key in ("loss", "loss_vt", "loss_va", "lr"):
+    for key in ("loss", "loss_vt", "loss_va", "grad_norm", "lr"):
         if key in sums and n:
             row[key] = sums[key] / n
     if "loss" not in row:
@@ -606,13 +618,10 @@ def _save(run: RunState) -> Optional[Path]:
         "args": {k: v for k, v in vars(run.args).items() if k not in ("explicit",)},
         "time": _dt.datetime.now(_dt.timezone.utc).isoformat(),
     }
-    state = {
-        "schedule": run.schedule(),
-        "loader": run.loader_state,
-        "nonfinite_steps": run.nonfinite_steps,
-    }
+    state = {"schedule": run.schedule(), "nonfinite_steps": run.nonfinite_steps}
     path = save_checkpoint(run.run_dir / "checkpoints", run.step, run.raw_model if not run.args.fsdp else run.model,
-                           run.optimizer, state, meta, keep=run.args.keep_checkpoints)  # fmt: skip
+                           run.optimizer, state, meta, keep=run.args.keep_checkpoints,
+                           per_rank={"loader": run.loader_state})  # fmt: skip
     if run.is_main:
         log.info("saved checkpoint %s", path)
     return path
@@ -826,24 +835,22 @@ def plot_curves(run_dir: Path) -> Optional[Path]:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: leaves the caller's backend alone
 
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    train = [r for r in rows if r.get("kind") == "train" and math.isfinite(r.get("loss", float("nan")))]
+    train = [r for r in rows if r.get("kind") == "train" and r.get("loss") is not None]
     evals = [r for r in rows if r.get("kind") == "eval"]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    fig = Figure(figsize=(11, 4))
+    ax1, ax2 = fig.subplots(1, 2)
     for key, label in (("loss", "total"), ("loss_vt", "video-text (MIL-NCE)"), ("loss_va", "video-audio (NCE)")):
-        pts = [(r["step"], r[key]) for r in train if key in r]
+        pts = [(r["step"], r[key]) for r in train if r.get(key) is not None]
         if pts:
             ax1.plot(*zip(*pts), label=label)
     ax1.set_xlabel("step")
     ax1.set_ylabel("loss")
     ax1.set_title("training loss")
     for key, label in (("t2v_r1", "text->video R@1"), ("v2a_r1", "video->audio R@1"), ("chance_r1", "chance R@1")):
-        pts = [(r["step"], 100 * r[key]) for r in evals if key in r]
+        pts = [(r["step"], 100 * r[key]) for r in evals if r.get(key) is not None]
         if pts:
             ax2.plot(*zip(*pts), marker="o", linestyle="--" if key == "chance_r1" else "-", label=label)
     ax2.set_xlabel("step")
@@ -855,7 +862,6 @@ def plot_curves(run_dir: Path) -> Optional[Path]:
     fig.tight_layout()
     out = run_dir / "curves.png"
     fig.savefig(out, dpi=100)
-    plt.close(fig)
     return out
 
 
@@ -913,7 +919,6 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     if args.preset is None:
         args.preset = "tiny"
     # --- data folder (fail before any expensive work) ----------------------------------
-    world = int(os.environ.get("WORLD_SIZE", "1"))
     data_given = args.data is not None
     if data_given:
         data_dir = Path(args.data).expanduser()
@@ -940,6 +945,13 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         )
     if ckpt is not None:
         _check_resume_config(ckpt, read_meta(ckpt), config)
+        saved_world = int(read_meta(ckpt).get("world_size", 1))
+        if saved_world != world:
+            raise ValueError(
+                f"checkpoint {str(ckpt)!r} was written by {saved_world} rank(s) but this run has {world}; each rank's "
+                f"data position and RNG state belong to its shard, so resume with {saved_world} process(es) (torchrun "
+                f"--nproc_per_node/--nnodes), or start a new run from its weights"
+            )
     precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     if device.type == "cuda" and precision == "fp32":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -959,7 +971,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     log.info("preset %s on %s (%s, world size %d), data %s, run folder %s", config.name, device, precision, world,
              data_dir, run_dir)  # fmt: skip
     # --- model, loss, optimizer --------------------------------------------------------
-    from vatt_fast.data.loader import build_loader
+    from vatt_fast.data.loader import build_loader, resolve_backend
     from vatt_fast.models.vatt import VATT
     from vatt_fast.nn.losses import VATTLoss
 
@@ -981,7 +993,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         peak = _measure_cpu_peak()
     # --- data --------------------------------------------------------------------------
     per_rank = args.batch_size // world
-    loader_kw = dict(preset=config, backend=args.loader, num_workers=args.workers, seed=args.seed)
+    backend = resolve_backend(args.loader)
+    # DALI decodes on the GPU straight into device memory; PyAV batches come pinned and are
+    # copied by _Batches on a side stream, one batch ahead.
+    loader_device = device if backend == "dali" and device.type == "cuda" else None
+    loader_kw = dict(preset=config, backend=backend, num_workers=args.workers, seed=args.seed, device=loader_device)
     train_loader = build_loader(data_dir, "train", per_rank, train=True, drop_last=True, **loader_kw)
     eval_loader = None
     try:
@@ -1008,11 +1024,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         for key in ("lr", "end_lr", "warmup_steps", "total_steps"):
             if key not in args.explicit and key in sched:
                 setattr(args, key, sched[key])
-        if state.get("loader") is not None:
-            train_loader.load_state_dict(state["loader"])
-        run.loader_state = state.get("loader")
-        rngs = state.get("rng") or []
-        rng = rngs[get_rank()] if len(rngs) == world else (rngs[0] if rngs else None)
+        loader_state = state["per_rank"][get_rank()].get("loader")
+        if loader_state is not None:
+            train_loader.load_state_dict(loader_state)
+        run.loader_state = loader_state
+        rng = state["rng"][get_rank()]
         log.info("resumed from %s at step %d", ckpt, run.step)
     if get_rank() == 0:
         _write_resolved_config(run_dir, args, config)
@@ -1084,7 +1100,7 @@ def cli() -> None:
     """Console entry point ``vatt-train``: errors become one line and exit status 1."""
     try:
         main()
-    except (ValueError, FileNotFoundError, NotADirectoryError, NonFiniteLossError, RuntimeError) as e:
+    except (ValueError, FileNotFoundError, NotADirectoryError, ImportError, NonFiniteLossError, RuntimeError) as e:
         logging.getLogger("vatt_fast").error("%s", e)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
