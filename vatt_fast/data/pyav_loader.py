@@ -25,6 +25,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from vatt_fast.data.base import ClipLoaderBase
 from vatt_fast.data.manifest import VideoRecord
 from vatt_fast.data.sampler import ClipPlan, ClipSampler, ClipSpec, ShardedSchedule
 from vatt_fast.data.vocab import Vocabulary
@@ -397,22 +398,13 @@ def _worker_init(_: int) -> None:
     torch.set_num_threads(1)
 
 
-class PyAVLoader:
+class PyAVLoader(ClipLoaderBase):
     """Loader over torch DataLoader workers decoding with PyAV (see ``build_loader`` for the API).
 
-    Args:
-        records: the split's records.
-        spec: clip geometry.
-        vocab: caption vocabulary.
-        batch_size: clips per batch on this rank.
-        train: random clips, infinite iteration, reshuffled every epoch; else one ordered pass.
-        seed: seed of the permutations and of every clip draw.
-        rank, world_size: this process's shard.
-        drop_last: drop the last incomplete batch of an epoch.
+    Args (beyond :class:`~vatt_fast.data.base.ClipLoaderBase`'s):
         num_workers: decoding processes (0 decodes in the main process).
         pin_memory: pin batches in page-locked memory (for fast host-to-GPU copies).
         device: when set, batches are moved there (``non_blocking``).
-        bad_data: initial counts (e.g. ``bad_manifest_line`` from reading the manifest).
         prefetch_factor: batches each worker keeps ready.
     """
 
@@ -438,62 +430,18 @@ class PyAVLoader:
     ) -> None:
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-        self.spec = spec
-        self.train = bool(train)
-        self.seed = int(seed)
+        super().__init__(records, spec, vocab, batch_size, train=train, seed=seed, rank=rank,
+                         world_size=world_size, drop_last=drop_last, bad_data=bad_data)
         self.num_workers = int(num_workers)
         self.pin_memory = bool(pin_memory)
         self.device = torch.device(device) if device is not None else None
         self.prefetch_factor = prefetch_factor
-        self.records = list(records)
-        with_label = any(r.label is not None for r in self.records)
-        self.dataset = ClipDataset(self.records, ClipSampler(spec, vocab, train=train, seed=seed), with_label)
-        self.schedule = ShardedSchedule(
-            len(self.records), batch_size, train=train, seed=seed, rank=rank, world_size=world_size,
-            drop_last=drop_last,
-        )
-        self._epoch, self._batch = 0, 0
-        self._bad: Counter = Counter(bad_data or {})
+        self.dataset = ClipDataset(self.records, self.sampler, self.with_label)
         self._it: Any = None
-
-    # --- the loader API ------------------------------------------------------------
-    def __len__(self) -> int:
-        return self.schedule.batches_per_epoch
-
-    @property
-    def batch_size(self) -> int:
-        return self.schedule.batch_size
-
-    @property
-    def bad_data(self) -> Dict[str, int]:
-        """Counts per kind of bad sample met so far (replaced or padded), plus manifest rows left out."""
-        return dict(self._bad)
-
-    def state_dict(self) -> Dict[str, Any]:
-        """Position of the next batch (epoch, batch) and the bad-data counts."""
-        return {
-            "epoch": self._epoch,
-            "batch": self._batch,
-            "bad_data": dict(self._bad),
-            **self.schedule.identity(),
-        }
-
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
-        """Continue exactly where ``state`` was taken (the same batches follow)."""
-        self.schedule.check_identity(state)
-        self._shutdown()
-        self._epoch, self._batch = int(state["epoch"]), int(state["batch"])
-        self._bad = Counter(state.get("bad_data", {}))
-
-    def close(self) -> None:
-        """Stop the worker processes."""
-        self._shutdown()
 
     def __iter__(self) -> Iterator[Dict[str, torch.Tensor]]:
         self._shutdown()
-        nb = self.schedule.batches_per_epoch
-        if not self.train and self._batch >= nb:
-            self._epoch, self._batch = self._epoch + 1, 0
+        self._restart_eval_pass()
         keys = _BatchKeys(self.schedule, self._epoch, self._batch)
         kwargs: Dict[str, Any] = {}
         if self.num_workers > 0:
@@ -532,9 +480,3 @@ class PyAVLoader:
             self._shutdown()
         except Exception:
             pass
-
-    def __repr__(self) -> str:
-        return (
-            f"PyAVLoader(records={len(self.records)}, batch_size={self.batch_size}, train={self.train}, "
-            f"rank={self.schedule.rank}/{self.schedule.world_size}, batches_per_epoch={len(self)})"
-        )

@@ -1,4 +1,4 @@
-"""Test setup shared by every test file.
+"""Setup shared by tests/ and benchmarks/.
 
 Triton kernels are tested here under the Triton interpreter when no CUDA device is
 present; the flag must be set before any kernel is decorated (i.e. before
