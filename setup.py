@@ -30,6 +30,7 @@ setup(
         "tokenizers>=0.15",
         "av>=12.0",
         "matplotlib>=3.7",
+        "soundfile>=0.12",
     ],
     extras_require={
         "dali": ["nvidia-dali-cuda130>=1.40"],
