@@ -36,13 +36,13 @@ DropToken 0.5 comes to 391 GFLOPs per clip forward (VATT_SPEC.md: "about 396"),
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Dict, Optional, Union
 
 import torch
 
 from vatt_fast.models.config import EncoderConfig, VATTConfig, get_config
+from vatt_fast.nn.embed import num_kept_tokens
 
 __all__ = [
     "ClipFlops",
@@ -67,10 +67,8 @@ def encoder_flops(n: int, enc: EncoderConfig) -> int:
 
 
 def kept_tokens(num_tokens: int, drop_rate: float) -> int:
-    """Tokens that survive DropToken: ``max(1, floor(N * (1 - rate)))`` (as :class:`vatt_fast.nn.embed.DropToken`)."""
-    if drop_rate <= 0.0:
-        return num_tokens
-    return max(1, int(math.floor(num_tokens * (1.0 - drop_rate) + 1e-6)))
+    """Tokens that survive DropToken (the rule of :class:`vatt_fast.nn.embed.DropToken`)."""
+    return num_kept_tokens(num_tokens, drop_rate)
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from vatt_fast.kernels._dispatch import IMPLS
 from vatt_fast.kernels.droptoken import drop_token_gather
 from vatt_fast.kernels.patch_embed import patch_embed
 
-__all__ = ["AudioPatchEmbed", "DropToken", "TextEmbed", "VideoPatchEmbed", "interpolate_pos_table", "trunc_normal_pos_"]
+__all__ = ["AudioPatchEmbed", "DropToken", "num_kept_tokens", "TextEmbed", "VideoPatchEmbed", "interpolate_pos_table", "trunc_normal_pos_"]
 
 PixelAffine = Union[None, float, Sequence[float]]
 
@@ -381,6 +381,14 @@ class TextEmbed(nn.Module):
         )
 
 
+def num_kept_tokens(num_tokens: int, rate: float) -> int:
+    """Tokens that survive DropToken at ``rate``: ``max(1, floor(N * (1 - rate)))``, all of them at rate 0."""
+    if rate <= 0.0:
+        return num_tokens
+    # The epsilon keeps exact products (e.g. 50 * 0.9) from flooring one short in floating point.
+    return max(1, int(math.floor(num_tokens * (1.0 - rate) + 1e-6)))
+
+
 class DropToken(nn.Module):
     """VATT's DropToken: keep a random subset of the tokens during training.
 
@@ -413,8 +421,7 @@ class DropToken(nn.Module):
 
     def num_kept(self, num_tokens: int) -> int:
         """Tokens kept out of ``num_tokens`` in training: ``max(1, floor(N * (1 - rate)))``."""
-        # The epsilon keeps exact products (e.g. 50 * 0.9) from flooring one short in floating point.
-        return max(1, int(math.floor(num_tokens * (1.0 - self.rate) + 1e-6)))
+        return num_kept_tokens(num_tokens, self.rate)
 
     def sample_keep(
         self, batch_size: int, num_tokens: int, device: Union[torch.device, str, None] = None
