@@ -20,7 +20,8 @@ import torch
 
 pytest.importorskip("nvidia.dali")
 
-from test_bench_loader import _machine, big_set, tiny_set  # noqa: F401,E402  (session fixtures)
+from bench_utils import record_loader_throughput  # noqa: E402
+from test_bench_loader import big_set, tiny_set  # noqa: F401,E402  (session fixtures)
 from vatt_fast.data import build_loader  # noqa: E402
 from vatt_fast.data.sampler import ClipSpec  # noqa: E402
 
@@ -43,17 +44,8 @@ def _bench(benchmark, loader, rounds: int, per_round: int) -> None:
         assert batch["video"].shape[0] == B
 
     benchmark.pedantic(pull, rounds=rounds, iterations=1, warmup_rounds=1)
-    mean = benchmark.stats.stats.mean / per_round  # seconds per batch
-    benchmark.extra_info.update(
-        clips_per_s=round(B / mean, 2),
-        frames_per_s=round(B * spec.num_frames / mean, 1),
-        batches_per_round=per_round,
-        clip=f"{spec.num_frames}x{spec.frame_size}x{spec.frame_size}",
-        batch_size=B,
-        num_threads=loader.num_threads,
-        pipeline="gpu (NVDEC)" if loader.gpu else "cpu",
-        machine=_machine(),
-    )
+    record_loader_throughput(benchmark, spec, B, per_round, num_threads=loader.num_threads,
+                             pipeline="gpu (NVDEC)" if loader.gpu else "cpu")
     loader.close()
 
 

@@ -8,10 +8,10 @@ Run with ``pytest benchmarks/test_bench_droptoken.py --benchmark-only``.
 from __future__ import annotations
 
 import functools
-from typing import Optional
 
 import pytest
 import torch
+from bench_utils import inductor_error
 import torch.nn.functional as F
 
 from vatt_fast.kernels.droptoken import drop_token_gather_reference
@@ -31,17 +31,6 @@ def _case(shape: str, device: torch.device):
     B = cfg.batch_size if shape == "tiny" else (32 if device.type == "cuda" else 4)
     N, D = cfg.num_video_tokens, cfg.video_encoder.dim
     return B, N, D, int(N * (1 - cfg.drop_token))
-
-
-@functools.lru_cache(maxsize=None)
-def _inductor_error() -> Optional[str]:
-    """Why torch.compile (inductor) cannot run here, or None when it works."""
-    try:
-        fn = torch.compile(lambda a: a * 2 + 1)
-        torch.testing.assert_close(fn(torch.arange(4.0)), torch.arange(4.0) * 2 + 1)
-    except Exception as exc:  # a missing C++ compiler, an unsupported platform, ...
-        return f"{type(exc).__name__}: {exc}"
-    return None
 
 
 def _dense(x, keep, pos):
@@ -83,7 +72,7 @@ def test_drop_token_gather_reference_eager(benchmark, device, shape, per_sample)
 
 
 def test_drop_token_gather_reference_compiled(benchmark, device):
-    reason = _inductor_error()
+    reason = inductor_error()
     if reason is not None:
         pytest.skip(f"torch.compile (inductor) does not work on this machine: {reason}")
     B, N, D, n = _case("tiny", device)

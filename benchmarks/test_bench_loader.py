@@ -11,11 +11,10 @@ warm-up round that drains the prefetch queue, so the figure is the steady decode
 
 from __future__ import annotations
 
-import os
-import platform
 
 import pytest
-import torch
+
+from bench_utils import record_loader_throughput
 
 from vatt_fast.data import build_loader
 from vatt_fast.data.sampler import ClipSpec
@@ -34,11 +33,6 @@ def big_set(tmp_path_factory):
                               segments=2, segment_seconds=2.0)
 
 
-def _machine() -> str:
-    return f"{os.cpu_count()}-core {platform.machine()} CPU" + (
-        f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU")
-
-
 def _bench(benchmark, loader, rounds: int) -> None:
     spec: ClipSpec = loader.spec
     it = iter(loader)
@@ -53,16 +47,7 @@ def _bench(benchmark, loader, rounds: int) -> None:
             next(it)
 
     benchmark.pedantic(pull, rounds=rounds, iterations=1, warmup_rounds=1)
-    mean = benchmark.stats.stats.mean / per_round  # seconds per batch
-    benchmark.extra_info.update(
-        clips_per_s=round(B / mean, 2),
-        frames_per_s=round(B * spec.num_frames / mean, 1),
-        batches_per_round=per_round,
-        clip=f"{spec.num_frames}x{spec.frame_size}x{spec.frame_size}",
-        batch_size=B,
-        num_workers=loader.num_workers,
-        machine=_machine(),
-    )
+    record_loader_throughput(benchmark, spec, B, per_round, num_workers=loader.num_workers)
     loader.close()
 
 

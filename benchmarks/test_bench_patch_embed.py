@@ -13,6 +13,7 @@ from typing import Dict, Optional
 
 import pytest
 import torch
+from bench_utils import inductor_error
 import torch.nn.functional as F
 
 from vatt_fast.kernels.patch_embed import patch_embed_reference
@@ -57,17 +58,6 @@ def _conv3d_tokens(x, weight, bias, pos, keep):
     out = F.conv3d(xf.permute(0, 4, 1, 2, 3), weight.float(), bias.float(), stride=tuple(weight.shape[2:]))
     out = out.flatten(2).transpose(1, 2) + pos.float()  # (B, N, D)
     return out if keep is None else out[:, keep]
-
-
-@functools.lru_cache(maxsize=None)
-def _inductor_error() -> Optional[str]:
-    """Why torch.compile (inductor) cannot run here, or None when it works."""
-    try:
-        fn = torch.compile(lambda a: a * 2 + 1)
-        torch.testing.assert_close(fn(torch.arange(4.0)), torch.arange(4.0) * 2 + 1)
-    except Exception as exc:  # a missing C++ compiler, an unsupported platform, ...
-        return f"{type(exc).__name__}: {exc}"
-    return None
 
 
 def _time(benchmark, fn, device, rounds):
@@ -120,7 +110,7 @@ def test_patch_embed_video_reference_eager(benchmark, device, shape, drop):
 
 
 def test_patch_embed_video_reference_compiled(benchmark, device):
-    reason = _inductor_error()
+    reason = inductor_error()
     if reason is not None:
         pytest.skip(f"torch.compile (inductor) does not work on this machine: {reason}")
     case = _video_cases(device)["tiny"]
