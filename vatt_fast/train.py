@@ -793,7 +793,10 @@ def _wrap_model(model: nn.Module, args: argparse.Namespace, device: torch.device
         if world < 2:
             log.warning("--fsdp with a single process: nothing to shard, running unsharded")
             return model
-        from torch.distributed.fsdp import fully_shard
+        try:
+            from torch.distributed.fsdp import fully_shard  # torch >= 2.6
+        except ImportError:  # torch 2.4 / 2.5 ship FSDP2 under its composable name
+            from torch.distributed._composable.fsdp import fully_shard
 
         from vatt_fast.nn.transformer import Block
 
