@@ -1033,6 +1033,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         run.loader_state = loader_state
         rng = state["rng"][get_rank()]
         log.info("resumed from %s at step %d", ckpt, run.step)
+        if args.steps > args.total_steps:
+            log.warning("--steps %d goes past the checkpoint's %d-step schedule: the learning rate stays at "
+                        "--end-lr %g after step %d; pass --total-steps to stretch the schedule",
+                        args.steps, args.total_steps, args.end_lr, args.total_steps)
     if get_rank() == 0:
         _write_resolved_config(run_dir, args, config)
         if (data_dir / "vocab.txt").is_file():
