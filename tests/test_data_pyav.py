@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+
 import numpy as np
 import pytest
 import torch
-
 from data_fixtures import bad_dir, synthetic_dir  # noqa: F401  (session fixtures)
+
 from vatt_fast.data import build_loader, read_manifest
 from vatt_fast.data.loader import resolve_backend
 from vatt_fast.data.pyav_loader import decode_with_pyav
@@ -17,12 +19,7 @@ from vatt_fast.models.config import get_config
 
 
 def _take(loader, n):
-    out = []
-    for batch in loader:
-        out.append(batch)
-        if len(out) == n:
-            break
-    return out
+    return list(itertools.islice(loader, n))
 
 
 def _same(a, b):

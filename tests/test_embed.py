@@ -11,9 +11,16 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from embed_helpers import gather_tokens, random_video
 from torch import nn
 
-from vatt_fast.nn.embed import AudioPatchEmbed, DropToken, TextEmbed, VideoPatchEmbed, interpolate_pos_table
+from vatt_fast.nn.embed import (
+    AudioPatchEmbed,
+    DropToken,
+    TextEmbed,
+    VideoPatchEmbed,
+    interpolate_pos_table,
+)
 
 
 # --------------------------------------------------------------------------------------
@@ -52,25 +59,13 @@ def conv3d_reference(layer: VideoPatchEmbed, x: torch.Tensor, pos: torch.Tensor)
     return out.flatten(2).transpose(1, 2) + pos  # (B, N, D)
 
 
-def gather_tokens(full, keep):
-    if keep.dim() == 1:
-        return full[:, keep]
-    return torch.stack([full[b, keep[b]] for b in range(full.shape[0])])
-
-
-def video(shape, dtype, device):
-    if dtype == torch.uint8:
-        return torch.randint(0, 256, shape, dtype=torch.uint8, device=device)
-    return torch.rand(shape, dtype=dtype, device=device) * 255
-
-
 # --------------------------------------------------------------------------------------
 # VideoPatchEmbed
 # --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("in_dtype", [torch.uint8, torch.float32], ids=["uint8", "float32"])
 def test_video_patch_embed_matches_conv3d(device, in_dtype):
     layer = VideoPatchEmbed(patch_size=(2, 8, 8), in_chans=3, embed_dim=40, grid_size=(3, 3, 3)).to(device)
-    x = video((2, 6, 24, 24, 3), in_dtype, device)
+    x = random_video((2, 6, 24, 24, 3), in_dtype, device)
     out = layer(x)
     pos = summed_pos(layer.pos_embed_t, layer.pos_embed_h, layer.pos_embed_w)
     ref = conv3d_reference(layer, x, pos)
@@ -82,7 +77,7 @@ def test_video_patch_embed_matches_conv3d(device, in_dtype):
 @pytest.mark.parametrize("per_sample", [False, True], ids=["shared", "per_sample"])
 def test_video_patch_embed_keep(device, per_sample):
     layer = VideoPatchEmbed(patch_size=(2, 8, 8), in_chans=3, embed_dim=40, grid_size=(3, 3, 2)).to(device)
-    x = video((3, 6, 24, 16, 3), torch.uint8, device)
+    x = random_video((3, 6, 24, 16, 3), torch.uint8, device)
     drop = DropToken(rate=0.5, per_sample=per_sample)
     keep = drop.sample_keep(3, 18, device)
     assert keep.shape == ((3, 9) if per_sample else (9,))
@@ -99,7 +94,7 @@ def conv3d_via_functional(layer: VideoPatchEmbed, x: torch.Tensor) -> torch.Tens
 @pytest.mark.parametrize("per_sample", [None, False, True], ids=["all", "shared", "per_sample"])
 def test_video_patch_embed_gradients_match_conv3d(device, per_sample):
     layer = VideoPatchEmbed(patch_size=(2, 5, 5), in_chans=3, embed_dim=9, grid_size=(2, 2, 3)).to(device).double()
-    x = video((2, 4, 10, 15, 3), torch.uint8, device)
+    x = random_video((2, 4, 10, 15, 3), torch.uint8, device)
     keep = None if per_sample is None else DropToken(0.5, per_sample=per_sample).sample_keep(2, 12, device)
     params = [layer.proj.weight, layer.proj.bias, layer.pos_embed_t, layer.pos_embed_h, layer.pos_embed_w]
     out = layer(x, keep=keep)
@@ -117,7 +112,7 @@ def test_video_patch_embed_gradients_match_conv3d(device, per_sample):
 
 def test_video_patch_embed_interpolates_pos_tables(device):
     layer = VideoPatchEmbed(patch_size=(2, 4, 4), in_chans=3, embed_dim=12, grid_size=(3, 4, 5)).to(device)
-    x = video((2, 10, 12, 8, 3), torch.uint8, device)  # grid (5, 3, 2): every table resized
+    x = random_video((2, 10, 12, 8, 3), torch.uint8, device)  # grid (5, 3, 2): every table resized
     out = layer(x)
     e_t = lerp_table(layer.pos_embed_t, 5)
     e_h = lerp_table(layer.pos_embed_h, 3)
@@ -140,7 +135,7 @@ def test_interpolate_pos_table_identity_and_values():
 
 
 def test_video_patch_embed_pixel_affine_options():
-    x = video((1, 2, 8, 8, 3), torch.float32, "cpu")
+    x = random_video((1, 2, 8, 8, 3), torch.float32, "cpu")
     raw = VideoPatchEmbed(patch_size=(2, 4, 4), embed_dim=6, grid_size=(1, 2, 2), pixel_scale=None, pixel_shift=None)
     normalised_input = x / 127.5 - 1.0
     std = VideoPatchEmbed(patch_size=(2, 4, 4), embed_dim=6, grid_size=(1, 2, 2))
@@ -162,7 +157,7 @@ def test_video_patch_embed_pixel_affine_options():
 
 def test_video_patch_embed_low_precision_module_keeps_exact_affine():
     layer = VideoPatchEmbed(patch_size=(2, 8, 8), embed_dim=32, grid_size=(2, 2, 2))
-    x = video((2, 4, 16, 16, 3), torch.uint8, "cpu")
+    x = random_video((2, 4, 16, 16, 3), torch.uint8, "cpu")
     ref = conv3d_reference(layer.double(), x, layer.position_embedding())
     layer = layer.float()
     low = layer.to(torch.bfloat16)
@@ -181,7 +176,7 @@ def test_video_patch_embed_low_precision_module_keeps_exact_affine():
 def test_video_patch_embed_autocast_dtype():
     layer = VideoPatchEmbed(patch_size=(2, 8, 8), embed_dim=16, grid_size=(1, 2, 2))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = layer(video((1, 2, 16, 16, 3), torch.uint8, "cpu"))
+        out = layer(random_video((1, 2, 16, 16, 3), torch.uint8, "cpu"))
     assert out.dtype == torch.bfloat16
 
 
@@ -191,7 +186,7 @@ def test_video_patch_embed_state_dict():
     assert layer.pos_embed_t.shape == (3, 40) and layer.proj.weight.shape == (40, 3, 2, 8, 8)
     clone = VideoPatchEmbed(patch_size=(2, 8, 8), in_chans=3, embed_dim=40, grid_size=(3, 3, 3))
     clone.load_state_dict(layer.state_dict())
-    x = video((1, 6, 24, 24, 3), torch.uint8, "cpu")
+    x = random_video((1, 6, 24, 24, 3), torch.uint8, "cpu")
     torch.testing.assert_close(clone(x), layer(x), rtol=0, atol=0)
     # A plain Conv3d's weights load into proj (and back).
     conv = nn.Conv3d(3, 40, (2, 8, 8), stride=(2, 8, 8))

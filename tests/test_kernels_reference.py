@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
+from embed_helpers import gather_tokens, random_video
 from vatt_fast.kernels import _dispatch, drop_token_gather, patch_embed, resolve_impl
 from vatt_fast.kernels.droptoken import drop_token_gather_reference
 from vatt_fast.kernels.patch_embed import patch_embed_reference
@@ -36,20 +36,6 @@ def conv3d_tokens(x, weight, bias, scale=None, shift=None, pos=None):
     )  # (B, D, Tp, Hp, Wp)
     out = out.flatten(2).transpose(1, 2)  # (B, N, D)
     return out if pos is None else out + pos.double()
-
-
-def gather_tokens(full, keep):
-    if keep is None:
-        return full
-    if keep.dim() == 1:
-        return full[:, keep]
-    return torch.stack([full[b, keep[b]] for b in range(full.shape[0])])
-
-
-def random_video(shape, dtype, device):
-    if dtype == torch.uint8:
-        return torch.randint(0, 256, shape, dtype=torch.uint8, device=device)
-    return torch.rand(shape, device=device, dtype=dtype) * 255.0
 
 
 # --------------------------------------------------------------------------------------
