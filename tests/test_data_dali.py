@@ -6,13 +6,27 @@ also run the mixed (NVDEC) pipeline through the ``device`` fixture.
 
 from __future__ import annotations
 
+import gc
+import itertools
+import os
+import signal
+import time
+
 import numpy as np
 import pytest
 import torch
 
 pytest.importorskip("nvidia.dali")
 
-from data_fixtures import BAD_IDS, bad_dir, synthetic_dir, timed_audio, timed_dir, timed_level  # noqa: F401,E402
+from data_fixtures import (  # noqa: F401,E402
+    BAD_IDS,
+    bad_dir,
+    synthetic_dir,
+    timed_audio,
+    timed_dir,
+    timed_level,
+)
+
 from vatt_fast.data import build_loader  # noqa: E402
 from vatt_fast.data.dali_loader import DALILoader  # noqa: E402
 from vatt_fast.data.manifest import read_manifest  # noqa: E402
@@ -26,12 +40,7 @@ AUDIO_CORR = 0.999
 
 
 def _take(loader, n):
-    out = []
-    for batch in loader:
-        out.append(batch)
-        if len(out) == n:
-            break
-    return out
+    return list(itertools.islice(loader, n))
 
 
 def _corr(a: np.ndarray, b: np.ndarray) -> float:
@@ -43,6 +52,33 @@ def test_build_loader_picks_dali(synthetic_dir, device):  # noqa: F811
     loader = build_loader(synthetic_dir, "train", 3, backend="dali", num_workers=1, device=device)
     assert isinstance(loader, DALILoader) and loader.backend == "dali"
     assert loader.gpu == (device.type == "cuda")
+    loader.close()
+
+
+def test_forked_child_can_free_a_running_loader(synthetic_dir):  # noqa: F811
+    """A DataLoader worker forked while a DALI pipeline is alive must not hang freeing it."""
+    loader = build_loader(synthetic_dir, "train", 3, backend="dali", num_workers=1, device="cpu")
+    _take(loader, 1)  # the pipeline and its threads are running now
+    pid = os.fork()
+    if pid == 0:  # child: free the inherited loader (its pipeline's threads are not here)
+        try:
+            loader.close()
+            del loader
+            gc.collect()
+        finally:
+            os._exit(0)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child hung freeing the DALI loader it inherited")
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert _take(loader, 1)[0]["video"].shape[0] == 3  # the parent's pipeline still works
     loader.close()
 
 

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import math
 import os
+import weakref
 from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Any, Deque, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -160,6 +161,23 @@ def build_clip_pipeline(source: Any, spec: ClipSpec, batch_size: int, *, gpu: bo
     return pipe
 
 
+# DALI pipelines own worker threads. A forked child (a DataLoader worker, say) inherits the
+# Python objects but not the threads, so a pipeline freed there waits forever for threads that
+# do not exist. After a fork, the child keeps every live loader's pipeline referenced here,
+# never to be freed; its memory is the child's private copy, so nothing leaks in the parent.
+_LIVE_LOADERS: "weakref.WeakSet[DALILoader]" = weakref.WeakSet()
+_KEPT_AFTER_FORK: List[Any] = []
+
+
+def _orphan_pipelines_in_child() -> None:
+    for loader in list(_LIVE_LOADERS):
+        _KEPT_AFTER_FORK.append((loader._pipe, loader._probe_pool))
+        loader._pipe, loader._probe_pool = None, None
+
+
+os.register_at_fork(after_in_child=_orphan_pipelines_in_child)
+
+
 class DALILoader(ClipLoaderBase):
     """Loader over a DALI pipeline (see ``build_loader`` for the API and batch contract).
 
@@ -221,6 +239,7 @@ class DALILoader(ClipLoaderBase):
         self._pipe: Any = None
         self._probe_pool: Any = None
         self._pending: Deque[Dict[str, Any]] = deque()
+        _LIVE_LOADERS.add(self)
 
     def close(self) -> None:
         """Release the DALI pipeline (and its buffers) and the probing threads."""
