@@ -36,6 +36,7 @@ DropToken 0.5 comes to 391 GFLOPs per clip forward (VATT_SPEC.md: "about 396"),
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Dict, Optional, Union
 
@@ -53,6 +54,7 @@ __all__ = [
     "train_step_flops",
     "tokens_per_clip",
     "peak_flops",
+    "measure_cpu_peak",
 ]
 
 
@@ -193,3 +195,14 @@ def peak_flops(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> Opt
                 return lowp
             return tf32 if torch.backends.cuda.matmul.allow_tf32 else fp32
     return None
+
+
+def measure_cpu_peak(seconds: float = 0.25) -> float:
+    """FLOP/s a 512x512 fp32 matmul reaches on this CPU (stands in for a data-sheet peak)."""
+    a, b = torch.randn(512, 512), torch.randn(512, 512)
+    a @ b
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        n += 1
+    return 2 * 512 ** 3 * n / (time.perf_counter() - t0)

@@ -42,7 +42,7 @@ from torch import nn
 
 from vatt_fast.checkpoint import find_latest, load_checkpoint, read_meta, resolve_checkpoint, save_checkpoint, set_rng_state
 from vatt_fast.distributed import get_rank, get_world_size, is_dist
-from vatt_fast.flops import peak_flops, tokens_per_clip, train_step_flops
+from vatt_fast.flops import measure_cpu_peak, peak_flops, tokens_per_clip, train_step_flops
 from vatt_fast.metrics import clip_retrieval, format_retrieval_table
 from vatt_fast.models.config import VATTConfig, get_config, list_presets
 
@@ -216,17 +216,6 @@ def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContex
     if precision == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
-
-
-def _measure_cpu_peak(seconds: float = 0.25) -> float:
-    """FLOP/s a 512x512 fp32 matmul reaches on this CPU (stands in for a data-sheet peak)."""
-    a, b = torch.randn(512, 512), torch.randn(512, 512)
-    a @ b
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        a @ b
-        n += 1
-    return 2 * 512 ** 3 * n / (time.perf_counter() - t0)
 
 
 def _memory_gb(device: torch.device) -> float:
@@ -993,7 +982,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     loss_fn = VATTLoss(tau=config.tau, impl=args.kernels)
     peak = args.peak_tflops * 1e12 if args.peak_tflops else peak_flops(device, torch.bfloat16 if precision == "bf16" else torch.float32)
     if peak is None and device.type == "cpu":
-        peak = _measure_cpu_peak()
+        peak = measure_cpu_peak()
     # --- data --------------------------------------------------------------------------
     per_rank = args.batch_size // world
     backend = resolve_backend(args.loader)
