@@ -174,7 +174,7 @@ def test_math_dropout_zeroes_and_rescales_probabilities():
 
 
 def test_auto_picks_sdpa_on_cpu(monkeypatch):
-    probe = torch.randn(1, 4, 2, 32)
+    probe = torch.randn(1, 4, 2, 32)  # head_dim 32, as Attention(64, 2): these calls also probe that kind
     assert resolve_backend("auto", probe, has_bias=False) == "sdpa"
     assert resolve_backend("auto", probe, has_bias=True) == "sdpa"
     calls = []
@@ -353,3 +353,264 @@ def test_broken_optional_package_is_reported(monkeypatch):
     with pytest.raises(RuntimeError, match=r"'xformers' is unusable: .*failed to import \(AttributeError.*'sdpa'"):
         Attention(64, 2, backend="xformers")
     assert Attention(64, 2)(torch.randn(1, 3, 64)).shape == (1, 3, 64)
+
+
+# --- probing: auto only picks a backend that ran this kind of call ------------------------------
+
+NO_XFORMERS_OP = (
+    "No operator found for `memory_efficient_attention_forward` with inputs:\n"
+    "     query       : shape=(2, 17, 2, 32) (torch.float32)\n"
+    "`cutlassF-pt` is not supported because:\n"
+    "    xFormers wasn't built with CUDA support"
+)
+
+
+def math_kernel(q, k, v, attn_bias=None, p=0.0, scale=None):
+    """An xformers-like kernel that works: [B, N, H, d] in and out, via the math backend."""
+    out = attn_mod._math_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_bias, p, scale)
+    return out.transpose(1, 2)
+
+
+@pytest.fixture
+def fake_xformers(monkeypatch):
+    """Empty verdict cache, and an "installed" xformers that serves CPU tensors and ranks first in auto.
+
+    ``fake_xformers(kernel)`` installs ``kernel`` as xformers' entry point; returns the calls' shapes.
+    """
+    monkeypatch.setattr(attn_mod, "_VERDICTS", {})
+    monkeypatch.setattr(attn_mod, "_KERNELS", dict(attn_mod._KERNELS))
+    monkeypatch.setattr(attn_mod, "_UNUSABLE", {k: v for k, v in attn_mod._UNUSABLE.items() if k != "xformers"})
+    monkeypatch.setitem(attn_mod._DEVICE_TYPES, "xformers", ("cuda", "cpu"))
+    monkeypatch.setattr(attn_mod, "AUTO_ORDER", ("xformers", "sdpa", "math"))  # the order that picked it before
+
+    def install(kernel):
+        calls = []
+
+        def counted(q, k, v, attn_bias=None, p=0.0, scale=None):
+            calls.append(tuple(q.shape))
+            return kernel(q, k, v, attn_bias=attn_bias, p=p, scale=scale)
+
+        attn_mod._KERNELS["xformers"] = counted
+        return calls
+
+    return install
+
+
+def broken_kernel(q, k, v, attn_bias=None, p=0.0, scale=None):
+    raise NotImplementedError(NO_XFORMERS_OP)
+
+
+def test_auto_skips_a_backend_that_imports_but_cannot_run(fake_xformers):
+    """The issue's case: xformers imports, its op raises; auto must fall through to sdpa."""
+    calls = fake_xformers(broken_kernel)
+    assert "xformers" in available_backends()  # importable, as before: nothing was run
+    module = Attention(64, 2)
+    x = torch.randn(2, 5, 64)
+    out = module(x)
+    assert len(calls) == 1  # the probe, on its own tiny input
+    assert resolve_backend("auto", torch.randn(2, 5, 2, 32), has_bias=False) == "sdpa"
+    module.backend = "sdpa"
+    torch.testing.assert_close(out, module(x), rtol=0, atol=0)
+    module.backend = "auto"
+    for _ in range(3):
+        module(x)
+    assert len(calls) == 1  # the verdict is cached
+    why = available_backends(reasons=True)["xformers"]
+    assert why.startswith("refused on cpu float32 head_dim 32: its probe")
+    assert "NotImplementedError: No operator found" in why and "xFormers wasn't built with CUDA support" in why
+    assert available_backends(reasons=True)["sdpa"] is None
+    report = available_backends("cpu", torch.float32, head_dim=32, reasons=True)
+    assert report["xformers"].startswith("its probe (forward and backward on a tiny input) failed with NotImpl")
+    assert report["sdpa"] is None and report["math"] is None
+    assert "flash-attn" in report["flash_attn"] or "CUDA" in report["flash_attn"]
+    assert available_backends("cpu", torch.float32, head_dim=32) == ["sdpa", "math"]
+    assert len(calls) == 1
+
+
+def test_explicit_request_for_a_failing_backend_says_why(fake_xformers):
+    fake_xformers(broken_kernel)
+    module = Attention(64, 2, backend="xformers")  # importable: accepted until it is called
+    with pytest.raises(
+        RuntimeError,
+        match=r"'xformers' cannot serve this call \(cpu float32 head_dim 32\): its probe .* failed with "
+        r"NotImplementedError: No operator found.*wasn't built with CUDA support; use backend='auto' or 'sdpa' "
+        r"\(train.py: --attention auto or sdpa\)",
+    ):
+        module(torch.randn(1, 3, 64))
+
+
+def test_probe_runs_once_per_kind(fake_xformers):
+    """A verdict holds for one (device, dtype, head_dim, bias, dropout); each new kind probes once."""
+    calls = fake_xformers(math_kernel)
+    probe_n = attn_mod._PROBE_SHAPE[1]
+    x = torch.randn(2, 5, 64)
+    module, module64 = Attention(64, 2), Attention(64, 2).double()
+    bias = padding_mask_to_bias(torch.ones(2, 5, dtype=torch.bool))
+    steps = [
+        (module, x, None, 2),  # new kind: probe + call
+        (module, x, None, 1),
+        (module, x, bias, 2),  # with a bias
+        (module, x, bias, 1),
+        (Attention(64, 4), x, None, 2),  # head_dim 16
+        (module64, x.double(), None, 2),  # float64
+        (module64, x.double(), None, 1),
+        (Attention(64, 2, attn_drop=0.1).train(), x, None, 2),  # dropout
+    ]
+    for i, (layer, inp, b, new_calls) in enumerate(steps):
+        before = len(calls)
+        layer(inp, b)
+        assert len(calls) - before == new_calls, f"step {i}"
+    probes = [shape for shape in calls if shape[1] == probe_n]
+    assert len(probes) == 5 and len(calls) - len(probes) == len(steps)
+
+
+def test_auto_takes_a_working_backend_that_ranks_first(fake_xformers):
+    calls = fake_xformers(math_kernel)
+    module = Attention(64, 2)
+    x = torch.randn(2, 7, 64)
+    assert resolve_backend("auto", torch.randn(2, 7, 2, 32), has_bias=False) == "xformers"
+    out = module(x)
+    assert [shape[1] for shape in calls] == [attn_mod._PROBE_SHAPE[1], 7]  # probe, then the call itself
+    module.backend = "math"
+    torch.testing.assert_close(out, module(x), rtol=0, atol=0)  # the fake computes with the math backend
+
+
+class _NoBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise NotImplementedError("No operator found for `memory_efficient_attention_backward`")
+
+
+def test_probe_covers_backward_and_dropout(fake_xformers):
+    """A kernel whose backward fails is refused; one that fails only with dropout is refused for dropout only."""
+    fake_xformers(lambda q, k, v, **kw: _NoBackward.apply(math_kernel(q, k, v, **kw)))
+    with pytest.raises(RuntimeError, match=r"failed with NotImplementedError: .*memory_efficient_attention_backward"):
+        resolve_backend("xformers", torch.randn(1, 3, 2, 32), has_bias=False)
+
+    def no_dropout(q, k, v, attn_bias=None, p=0.0, scale=None):
+        if p > 0:
+            raise NotImplementedError("dropout is not supported")
+        return math_kernel(q, k, v, attn_bias=attn_bias, p=p, scale=scale)
+
+    fake_xformers(no_dropout)
+    q = torch.randn(1, 3, 2, 16)
+    assert resolve_backend("auto", q, has_bias=False, dropout=False) == "xformers"
+    assert resolve_backend("auto", q, has_bias=False, dropout=True) == "sdpa"
+    assert available_backends("cpu", head_dim=16, dropout=True) == ["sdpa", "math"]
+
+
+def test_no_backend_left_lists_every_reason(fake_xformers, monkeypatch):
+    fake_xformers(broken_kernel)
+    monkeypatch.setattr(attn_mod, "AUTO_ORDER", ("flash_attn", "xformers"))
+    with pytest.raises(RuntimeError, match=r"no attention backend can serve cpu float32 head_dim 32: flash_attn: .*"
+                       r"\| xformers: its probe .*NotImplementedError"):
+        Attention(64, 2)(torch.randn(1, 3, 64))
+
+
+def test_probe_does_not_shift_the_rng(fake_xformers):
+    """The first call of a kind (which probes, with dropout) draws the same dropout mask as later calls."""
+    fake_xformers(math_kernel)
+    module = Attention(64, 2, attn_drop=0.5).train()
+    x = torch.randn(2, 9, 64)
+    torch.manual_seed(3)
+    first = module(x)  # probes xformers with dropout first
+    torch.manual_seed(3)
+    torch.testing.assert_close(module(x), first, rtol=0, atol=0)
+    state = torch.get_rng_state()
+    usable = available_backends("cpu", torch.float32, head_dim=8, dropout=True, has_bias=True)  # probes with dropout
+    assert usable == ["xformers", "sdpa", "math"]
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_first_call_under_inference_mode_autocast_and_flop_counting(fake_xformers):
+    """The probe runs forward and backward whatever the caller's mode, and no mode sees it."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    calls = fake_xformers(broken_kernel)
+    module = Attention(64, 2).eval()
+    x = torch.randn(2, 5, 64)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = module(x)  # probes the bfloat16 kind inside inference mode
+    assert out.dtype == torch.bfloat16 and len(calls) == 1
+    assert "NotImplementedError" in available_backends("cpu", torch.bfloat16, head_dim=32, reasons=True)["xformers"]
+    module.backend = "math"
+    counts = []
+    for _ in range(2):  # the first call probes math for float64, the second does not
+        with FlopCounterMode(display=False) as counter:
+            module.double()(x.double())
+        counts.append(counter.get_total_flops())
+    assert counts[0] == counts[1] > 0
+
+
+def test_first_call_under_activation_checkpointing(fake_xformers):
+    """A probe inside a non-reentrant checkpointed forward must not be caught by its saved-tensor hooks."""
+    from torch.utils.checkpoint import checkpoint
+
+    calls = fake_xformers(math_kernel)
+    module = Attention(64, 2)
+    x = torch.randn(2, 5, 64)
+
+    def grads(checkpointed):
+        module.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_(True)
+        out = checkpoint(module, xi, use_reentrant=False) if checkpointed else module(xi)
+        out.square().sum().backward()
+        return out.detach(), xi.grad, module.qkv.weight.grad
+
+    first = grads(True)  # probes xformers here
+    assert calls[0][1] == attn_mod._PROBE_SHAPE[1] and len(calls) == 3  # probe, forward, recomputation
+    for a, b in zip(first, grads(False)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+class _AttendInBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        attn_mod.attention(grad, grad, grad)
+        return grad
+
+
+def test_first_call_inside_backward_is_refused_clearly(fake_xformers):
+    x = torch.randn(1, 3, 2, 8, requires_grad=True)
+    with pytest.raises(RuntimeError, match=r"not been tried on cpu float32 head_dim 8 yet and cannot be inside a"):
+        _AttendInBackward.apply(x).sum().backward()
+    attn_mod.attention(x, x, x)  # probed outside backward: now fine inside
+    _AttendInBackward.apply(x).sum().backward()
+
+
+def test_compiled_model_probes_outside_the_graph(fake_xformers):
+    """Under torch.compile the choice is made while tracing, by a real probe, and baked into the graph."""
+    calls = fake_xformers(broken_kernel)
+    module = Attention(64, 2)
+    x = torch.randn(2, 5, 64)
+    compiled = torch.compile(module, fullgraph=True, backend="eager")
+    out = compiled(x)
+    assert len(calls) == 1
+    for _ in range(2):
+        compiled(x)
+    assert len(calls) == 1
+    module.backend = "sdpa"
+    torch.testing.assert_close(out, module(x), rtol=0, atol=0)
+    broken = torch.compile(Attention(64, 2, backend="xformers"), fullgraph=True, backend="eager")
+    with pytest.raises(Exception, match=r"'xformers' cannot serve this call.*NotImplementedError: No operator found"):
+        broken(x)
+
+
+def test_auto_picks_the_first_backend_that_passed_its_probe(device):
+    """On this machine, as installed: auto's choice is the first of AUTO_ORDER whose probe passed."""
+    for dtype in (torch.float32, torch.bfloat16):
+        for has_bias in (False, True):
+            q = torch.randn(2, 5, 3, 32, device=device, dtype=dtype)
+            report = available_backends(device, dtype, head_dim=32, has_bias=has_bias, reasons=True)
+            usable = [name for name in attn_mod.AUTO_ORDER if report[name] is None]
+            assert usable, report
+            assert resolve_backend("auto", q, has_bias=has_bias) == usable[0]
+            assert report["sdpa"] is None and report["math"] is None, report
