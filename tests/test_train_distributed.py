@@ -32,10 +32,9 @@ import subprocess
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
-from train_fixtures import PYTHON, read_rows, subprocess_env, tiny_data_fixture, train_argv  # noqa: F401
+from train_fixtures import PYTHON, read_rows, stable_adam_fixture, subprocess_env, tiny_data_fixture, train_argv  # noqa: F401
 from vatt_fast.train import main
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
@@ -44,14 +43,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 def _torchrun(argv, timeout=300):
     cmd = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "vatt_fast.train", *argv]
     return subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
-
-
-@pytest.fixture(scope="module")
-def stable_adam(tmp_path_factory):
-    """A config file that raises Adam's eps to 0.1 (see the module docstring for why)."""
-    path = tmp_path_factory.mktemp("cfg") / "stable_adam.yaml"
-    path.write_text(yaml.safe_dump({"model": {"adam_eps": 0.1}}))
-    return str(path)
 
 
 def _weights(run_dir, step=3):

@@ -29,6 +29,31 @@ def tiny_data_fixture(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session", name="learn_data")
+def learn_data_fixture(tmp_path_factory) -> Path:
+    """128 small videos (112 train, 16 val): enough for a 120-step run to show learning."""
+    from vatt_fast.data.synthetic import generate_synthetic
+
+    out = tmp_path_factory.mktemp("synthetic-learn") / "data"
+    generate_synthetic(out, **{**SYNTH_KW, "videos": 128})
+    return out
+
+
+@pytest.fixture(scope="session", name="stable_adam")
+def stable_adam_fixture(tmp_path_factory) -> str:
+    """A ``--config`` file raising Adam's eps from 1e-7 to 0.1, for runs compared step by step.
+
+    With eps 1e-7 the first Adam update ``lr * g / (|g| + eps)`` turns rounding noise in a
+    gradient that is mathematically ~0 into a full-size step of either sign, so two
+    correct runs that sum in a different order drift apart from step 2 on. With eps 0.1
+    an error ``delta`` in a gradient moves a weight by at most ``lr / 0.1 * delta``.
+    tests/test_train_distributed.py measures and explains the resulting tolerances.
+    """
+    path = tmp_path_factory.mktemp("cfg") / "stable_adam.yaml"
+    path.write_text("model:\n  adam_eps: 0.1\n")
+    return str(path)
+
+
 def train_argv(data: Path, out: Path, steps: int = 3, batch_size: int = 4, *extra: str) -> List[str]:
     """Arguments of a fast in-process CPU training run (no workers, no progress bar, no periodic eval).
 

@@ -56,6 +56,7 @@ __all__ = [
     "main",
     "cli",
     "NonFiniteLossError",
+    "CompileError",
 ]
 
 log = logging.getLogger("vatt_fast.train")
@@ -74,6 +75,31 @@ _RESUMED_ARGS = (
 
 class NonFiniteLossError(RuntimeError):
     """Raised when the loss stays NaN/inf for ``--max-nonfinite`` consecutive steps."""
+
+
+class CompileError(RuntimeError):
+    """Raised when ``--compile`` fails on the first step, before any update is made."""
+
+
+def _compile_failure(err: BaseException, backend: str) -> Optional[CompileError]:
+    """A :class:`CompileError` naming torch's version and the workarounds, if ``err`` came from torch.compile."""
+    from torch._dynamo.exc import TorchDynamoException
+
+    try:
+        from torch._inductor.exc import InductorError
+    except ImportError:  # torch < 2.7
+        InductorError = TorchDynamoException  # noqa: N806
+    if not isinstance(err, (TorchDynamoException, InductorError)):
+        return None
+    cause = getattr(err, "inner_exception", None) or err  # BackendCompilerFailed wraps the compiler's error
+    first = next((line for line in str(cause).splitlines() if line.strip()), "")
+    return CompileError(
+        f"torch.compile (--compile-backend {backend}) failed while compiling the first training step with torch "
+        f"{torch.__version__}: {type(err).__name__} ({type(cause).__name__}: {first[:500]}). Nothing was trained or saved. Workarounds: run "
+        f"without --compile (eager is the reference path), or --compile --compile-backend aot_eager (traces forward "
+        f"and backward without Inductor's code generation), or another torch release. To report it, rerun with "
+        f"TORCHDYNAMO_REPRO_AFTER=aot to write a minimal repro."
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -437,6 +463,9 @@ def train_steps(run: RunState, stop_step: int, batches: _Batches) -> str:
 
         bar = tqdm(total=stop_step, initial=run.step, desc="train", unit="step", dynamic_ncols=True, disable=None)
     window = {"t0": time.perf_counter(), "steps": 0, "wait": 0.0, "sums": {}}
+    # The first step of a compiled model compiles it; a compiler failure there stops the
+    # run with CompileError before any update (the optimizer steps after forward and backward).
+    first_compiled_step = bool(args.compile)
     run.model.train()
     from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -454,7 +483,17 @@ def train_steps(run: RunState, stop_step: int, batches: _Batches) -> str:
                 if run.stop_signal is not None:  # workers killed by the same Ctrl-C
                     return _interrupt(run)
                 raise
-            values = _train_step(run, batch)
+            if first_compiled_step:
+                try:
+                    values = _train_step(run, batch)
+                except Exception as err:
+                    failure = _compile_failure(err, args.compile_backend)
+                    if failure is None:
+                        raise
+                    raise failure from err
+                first_compiled_step = False
+            else:
+                values = _train_step(run, batch)
             run.step += 1
             run.loader_state = state
             window["steps"] += 1
@@ -1096,7 +1135,7 @@ def cli() -> None:
     """Console entry point ``vatt-train``: errors become one line and exit status 1."""
     try:
         main()
-    except (ValueError, FileNotFoundError, NotADirectoryError, ImportError, NonFiniteLossError, RuntimeError) as e:
+    except (ValueError, FileNotFoundError, NotADirectoryError, ImportError, RuntimeError) as e:
         logging.getLogger("vatt_fast").error("%s", e)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
