@@ -36,14 +36,18 @@ DropToken 0.5 comes to 391 GFLOPs per clip forward (VATT_SPEC.md: "about 396"),
 
 from __future__ import annotations
 
+import logging
+import re
 import time
 from dataclasses import dataclass
-from typing import Dict, Optional, Union
+from typing import Dict, Optional, Tuple, Union
 
 import torch
 
 from vatt_fast.models.config import EncoderConfig, VATTConfig, get_config
 from vatt_fast.nn.embed import num_kept_tokens
+
+log = logging.getLogger("vatt_fast.flops")
 
 __all__ = [
     "ClipFlops",
@@ -53,6 +57,7 @@ __all__ = [
     "clip_flops",
     "train_step_flops",
     "tokens_per_clip",
+    "gpu_peak_flops",
     "peak_flops",
     "measure_cpu_peak",
 ]
@@ -159,50 +164,146 @@ def train_step_flops(cfg: Union[str, VATTConfig], global_batch: int) -> int:
     return 3 * global_batch * clip_flops(cfg, train=True, global_batch=global_batch).total
 
 
-# Dense (no sparsity) peak rates in FLOP/s, from the vendors' data sheets, by dtype.
-_GPU_PEAKS = (
-    # (substring of the device name, bf16/fp16 tensor-core peak, tf32 peak, fp32 peak)
-    ("H200", 989e12, 494e12, 67e12),
-    ("H100 PCIe", 756e12, 378e12, 51e12),
-    ("H100", 989e12, 494e12, 67e12),  # SXM
-    ("GH200", 989e12, 494e12, 67e12),
-    ("B200", 2250e12, 1100e12, 80e12),
-    ("A100", 312e12, 156e12, 19.5e12),
-    ("A10G", 125e12, 62.5e12, 31.2e12),
-    ("L40S", 362e12, 183e12, 91.6e12),
-    ("L4", 121e12, 60e12, 30e12),
-    ("V100", 125e12, 15.7e12, 15.7e12),
-    ("RTX 4090", 165e12, 82.6e12, 82.6e12),
-    ("RTX 3090", 71e12, 35.6e12, 35.6e12),
-)
+# Dense (no sparsity) peak rates in FLOP/s from the vendors' data sheets and whitepapers:
+# (bf16 tensor, fp16 tensor, tf32 tensor, fp32), both 16-bit rates with fp32 accumulation
+# (what PyTorch's matmuls use; GeForce cards run fp16 accumulation twice as fast). None
+# where the card has no such unit (V100: no bf16 tensor cores; its fp32 matmuls run at the
+# fp32 rate whatever TF32 says). Keyed by (model, form factor) as _parse_gpu_name reads
+# the name CUDA reports; form factor "" where the name gives none.
+_A100 = (312e12, 312e12, 156e12, 19.5e12)  # SXM4 and PCIe, 40 and 80 GB: the same rates
+_H100_SXM = (989e12, 989e12, 494e12, 67e12)
+_H100_PCIE = (756e12, 756e12, 378e12, 51e12)
+_HOPPER_NVL = (835e12, 835e12, 417.5e12, 60e12)  # H100 NVL and H200 NVL (PCIe cards)
+_GPU_PEAKS: Dict[Tuple[str, str], Tuple[Optional[float], ...]] = {
+    ("B200", ""): (2250e12, 2250e12, 1100e12, 80e12),  # HGX B200 (1000 W)
+    ("H200", ""): _H100_SXM,  # "NVIDIA H200" is the SXM board
+    ("H200", "SXM"): _H100_SXM,
+    ("H200", "NVL"): _HOPPER_NVL,
+    ("GH200", ""): _H100_SXM,  # "NVIDIA GH200 480GB"
+    ("GH200", "HBM3"): _H100_SXM,
+    ("GH200", "HBM3E"): _H100_SXM,
+    ("H100", "SXM"): _H100_SXM,
+    ("H100", "HBM3"): _H100_SXM,  # "NVIDIA H100 80GB HBM3" is the SXM5 board
+    ("H100", "PCIE"): _H100_PCIE,
+    ("H100", "NVL"): _HOPPER_NVL,
+    ("A100", ""): _A100,
+    ("A100", "SXM"): _A100,
+    ("A100", "PCIE"): _A100,
+    ("A10", ""): (125e12, 125e12, 62.5e12, 31.2e12),
+    ("L40S", ""): (362.05e12, 362.05e12, 183e12, 91.6e12),
+    ("L40", ""): (181.05e12, 181.05e12, 90.5e12, 90.5e12),
+    ("L4", ""): (121e12, 121e12, 60e12, 30.3e12),
+    ("V100", "SXM"): (None, 125e12, 15.7e12, 15.7e12),
+    ("V100", "PCIE"): (None, 112e12, 14e12, 14e12),
+    ("V100S", "PCIE"): (None, 130e12, 16.4e12, 16.4e12),
+    ("RTX 4090", ""): (165.2e12, 165.2e12, 82.6e12, 82.6e12),
+    ("RTX 3090", ""): (71e12, 71e12, 35.6e12, 35.6e12),
+}
+_VENDOR_WORDS = ("NVIDIA", "TESLA", "GEFORCE")
+_MEMORY_TYPES = ("HBM2", "HBM2E", "HBM3", "HBM3E")
+
+
+def _parse_gpu_name(name: str) -> Optional[Tuple[str, str]]:
+    """``(model, form factor)`` of a CUDA device name, or None when a word is not understood.
+
+    The name is upper-cased and split at spaces, ``-`` and ``_``; the vendor words
+    (NVIDIA, Tesla, GeForce) and memory sizes (``80GB``, ``144G``) are dropped. The first
+    word is the model (``RTX`` takes the next word with it), the rest may only be a form
+    factor (``SXM2``..``SXM5`` read as ``SXM``, ``PCIE``, ``NVL``) or a memory type
+    (``HBM3``, which stands for the form factor when none is given). Anything else
+    (``Ti``, ``D``, ``Laptop``, a MIG slice ``MIG 1g.5gb``) makes the name unknown, so a
+    variant never inherits another card's peak: "NVIDIA GeForce RTX 4090 D" -> None.
+    """
+    words = [w for w in re.split(r"[\s_-]+", name.upper()) if w]
+    while words and words[0] in _VENDOR_WORDS:
+        words.pop(0)
+    if not words:
+        return None
+    model, rest = words[0], words[1:]
+    if model == "RTX" and rest:
+        model, rest = f"RTX {rest[0]}", rest[1:]
+    form = memory = ""
+    for w in rest:
+        if re.fullmatch(r"\d+GB?", w):
+            continue
+        if re.fullmatch(r"SXM\d?", w) or w in ("PCIE", "NVL"):
+            if form:
+                return None
+            form = "SXM" if w.startswith("SXM") else w
+        elif w in _MEMORY_TYPES:
+            memory = w
+        else:
+            return None
+    return model, form or memory
+
+
+def gpu_peak_flops(name: str, dtype: torch.dtype = torch.bfloat16, allow_tf32: bool = True) -> Optional[float]:
+    """Data-sheet dense peak FLOP/s of the CUDA device called ``name`` for ``dtype`` matmuls.
+
+    Args:
+        name: the device name as ``torch.cuda.get_device_name`` gives it, e.g.
+            ``"NVIDIA H100 80GB HBM3"``, ``"NVIDIA A100-SXM4-40GB"``, ``"NVIDIA L40S"``.
+        dtype: bfloat16, float16 or float32 (the matmul input type).
+        allow_tf32: for float32, whether matmuls may use TF32 tensor cores.
+
+    Returns:
+        FLOP/s, or None for a name not in the table (exact model and form factor; see
+        :func:`_parse_gpu_name`), a MIG slice, a dtype the card has no rate for, or a dtype
+        other than the three above.
+    """
+    key = _parse_gpu_name(name)
+    if key is None or key not in _GPU_PEAKS:
+        return None
+    bf16, fp16, tf32, fp32 = _GPU_PEAKS[key]
+    if dtype == torch.bfloat16:
+        return bf16
+    if dtype == torch.float16:
+        return fp16
+    if dtype == torch.float32:
+        return tf32 if allow_tf32 else fp32
+    return None
 
 
 def peak_flops(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> Optional[float]:
     """Peak dense FLOP/s of ``device`` for matmuls in ``dtype``, or None when unknown.
 
-    CUDA devices are looked up by name in a table of data-sheet figures (bf16/fp16
-    tensor cores; tf32 for fp32 when TF32 matmuls are allowed, else plain fp32). For
-    a CPU there is no reliable data sheet figure: the trainer measures what a large fp32
-    matmul achieves instead (see ``vatt_fast.train``), or takes ``--peak-tflops``.
+    CUDA devices are looked up by name with :func:`gpu_peak_flops` (for float32, TF32
+    counts when ``torch.backends.cuda.matmul.allow_tf32`` is set); an unknown name logs a
+    warning that MFU needs ``--peak-tflops``. For a CPU there is no reliable data-sheet
+    figure: this returns None and the trainer uses :func:`measure_cpu_peak` instead, or
+    ``--peak-tflops``.
     """
     device = torch.device(device)
     if device.type != "cuda" or not torch.cuda.is_available():
         return None
     name = torch.cuda.get_device_name(device)
-    for key, lowp, tf32, fp32 in _GPU_PEAKS:
-        if key in name:
-            if dtype in (torch.bfloat16, torch.float16):
-                return lowp
-            return tf32 if torch.backends.cuda.matmul.allow_tf32 else fp32
-    return None
+    peak = gpu_peak_flops(name, dtype, allow_tf32=torch.backends.cuda.matmul.allow_tf32)
+    if peak is None:
+        log.warning(
+            "no data-sheet peak for %r with %s matmuls in vatt_fast.flops: MFU is not reported; pass "
+            "--peak-tflops (the card's dense TFLOP/s for that dtype) to get it", name, str(dtype).replace("torch.", "")
+        )
+    return peak
 
 
-def measure_cpu_peak(seconds: float = 0.25) -> float:
-    """FLOP/s a 512x512 fp32 matmul reaches on this CPU (stands in for a data-sheet peak)."""
-    a, b = torch.randn(512, 512), torch.randn(512, 512)
-    a @ b
+def measure_cpu_peak(seconds: float = 0.25, size: int = 512) -> float:
+    """FLOP/s that ``size x size`` fp32 matmuls reach on this CPU (stands in for a data-sheet peak).
+
+    Runs matmuls (at least one, after one warm-up) until ``seconds`` have passed and
+    returns ``2 * size**3 * count / elapsed``, with the current torch thread count. The
+    operands come from a private generator: the global random stream (a training run's
+    seed) is left as it was.
+    """
+    if size < 1:
+        raise ValueError(f"size must be at least 1, got {size}")
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(size, size, generator=gen), torch.randn(size, size, generator=gen)
+    torch.mm(a, b)
     n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        a @ b
+    while True:
+        torch.mm(a, b)
         n += 1
-    return 2 * 512 ** 3 * n / (time.perf_counter() - t0)
+        elapsed = time.perf_counter() - t0
+        if elapsed >= seconds:
+            break
+    return 2 * size ** 3 * n / elapsed

@@ -86,9 +86,12 @@ def clip_retrieval(
         ``{"t2v": ..., "v2t": ..., "v2a": ..., "chance": ...}``, each a dict of
         ``r1, r5, r10, medr, meanr`` (and ``queries``). ``t2v``: every present caption
         queries the N clips, its own clip is correct. ``v2t``: every clip with a
-        caption queries all present captions, any of its own is correct. ``v2a``: every
-        clip queries the N audio tracks, its own is correct. ``chance``: a random
-        ranking over N candidates.
+        caption queries all present captions, any of its own is correct (the query's
+        rank is that of its best-scoring own caption). ``v2a``: every clip queries the
+        N audio tracks, its own is correct. Masked captions are neither queries nor
+        candidates; a clip without captions is no v2t query but still a t2v candidate.
+        ``chance``: a random ranking over N candidates with one correct answer (t2v and
+        v2a; for v2t with several captions per clip it is only indicative).
     """
     n, k, _ = text_vt.shape
     v = F.normalize(video_vt.float(), dim=-1)
@@ -151,8 +154,9 @@ def linear_probe(
         max_iter: L-BFGS iterations.
 
     Returns:
-        ``{"accuracy", "train_accuracy", "num_classes", "chance"}`` (accuracies in [0, 1];
-        chance = the test frequency of the most common training class).
+        ``{"accuracy", "train_accuracy", "num_classes", "chance", "train_loss"}`` (accuracies
+        in [0, 1]; chance = the test frequency of the most common training class;
+        train_loss = the objective above at the fitted weights).
     """
     if train_x.dim() != 2 or test_x.dim() != 2 or train_x.shape[1] != test_x.shape[1]:
         raise ValueError(
@@ -188,4 +192,11 @@ def linear_probe(
         train_acc = float(((x @ w + b).argmax(1) == y).double().mean())
         majority = int(torch.bincount(y, minlength=num_classes).argmax())
         chance = float((yt == majority).double().mean())
-    return {"accuracy": acc, "train_accuracy": train_acc, "num_classes": float(num_classes), "chance": chance}
+        train_loss = float(F.cross_entropy(x @ w + b, y) + 0.5 * weight_decay * (w * w).sum())
+    return {
+        "accuracy": acc,
+        "train_accuracy": train_acc,
+        "num_classes": float(num_classes),
+        "chance": chance,
+        "train_loss": train_loss,
+    }
