@@ -111,7 +111,9 @@ def test_crash_mid_write_keeps_previous_latest(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert find_latest(tmp_path) == first
     assert [p.name for p in list_checkpoints(root)] == ["step-00000001"]
-    assert any(p.name.startswith(".tmp-") for p in root.iterdir())  # the partial write, never under step-*
+    assert not any(p.name.startswith(".tmp-") for p in root.iterdir())  # a failed write removes its partial folder
+    (root / ".tmp-step-00000002-999-x").mkdir()  # what a killed writer leaves, never under step-*
+    assert [p.name for p in list_checkpoints(root)] == ["step-00000001"]
     save_checkpoint(root, 3, model, opt, {}, {})
     assert not any(p.name.startswith(".tmp-") for p in root.iterdir())  # cleaned up by the next save
 

@@ -11,6 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import vatt_fast.flops as flops_module
 import vatt_fast.train as train_module
+import vatt_fast.training.setup as training_setup
 from train_fixtures import read_rows, tiny_data_fixture, tiny_run_fixture, train_argv  # noqa: F401
 from vatt_fast.checkpoint import WEIGHTS_NAME, read_weights_config, resolve_checkpoint
 from vatt_fast.flops import (
@@ -250,7 +251,7 @@ def test_mfu_with_measured_cpu_peak(tiny_data, tmp_path, monkeypatch):
         return measured[-1]
 
     monkeypatch.setattr(flops_module, "measure_cpu_peak", spy)
-    monkeypatch.setattr(train_module, "measure_cpu_peak", spy, raising=False)
+    monkeypatch.setattr(training_setup, "measure_cpu_peak", spy)
     argv = train_argv(tiny_data, tmp_path / "run", 4)
     i = argv.index("--peak-tflops")
     del argv[i : i + 2]

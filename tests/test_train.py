@@ -175,7 +175,7 @@ def test_resume_auto_needs_out():
 
 
 def test_batch_not_divisible_by_world_size(tiny_data, tmp_path, monkeypatch):
-    monkeypatch.setattr(train_mod, "_init_distributed", lambda device: None)
+    monkeypatch.setattr(train_mod, "init_distributed", lambda device: None)
     monkeypatch.setattr(train_mod, "get_world_size", lambda: 3)
     with pytest.raises(ValueError, match=r"--batch-size 8 \(global\) is not divisible by the world size 3.*--batch-size 6"):
         main(train_argv(tiny_data, tmp_path / "o", 2, 8))
@@ -209,9 +209,9 @@ class _NaNOnCalls:
 
 
 def test_nonfinite_loss_is_skipped_and_counted(tiny_data, tmp_path, monkeypatch):
-    import vatt_fast.nn.losses as losses
+    import vatt_fast.training.setup as training_setup
 
-    monkeypatch.setattr(losses, "VATTLoss", _NaNOnCalls(losses.VATTLoss, {2}))
+    monkeypatch.setattr(training_setup, "VATTLoss", _NaNOnCalls(training_setup.VATTLoss, {2}))
     summary = main(train_argv(tiny_data, tmp_path / "r", 4))
     assert summary["nonfinite_steps"] == 1 and summary["steps"] == 4 and math.isfinite(summary["final_loss"])
     rows = read_rows(tmp_path / "r")
@@ -219,9 +219,9 @@ def test_nonfinite_loss_is_skipped_and_counted(tiny_data, tmp_path, monkeypatch)
 
 
 def test_repeated_nonfinite_losses_stop_the_run(tiny_data, tmp_path, monkeypatch):
-    import vatt_fast.nn.losses as losses
+    import vatt_fast.training.setup as training_setup
 
-    monkeypatch.setattr(losses, "VATTLoss", _NaNOnCalls(losses.VATTLoss, {"always"}))
+    monkeypatch.setattr(training_setup, "VATTLoss", _NaNOnCalls(training_setup.VATTLoss, {"always"}))
     with pytest.raises(NonFiniteLossError, match="NaN/inf for 2 consecutive steps.*lower --lr"):
         main(train_argv(tiny_data, tmp_path / "r", 5, 4, "--max-nonfinite", "2"))
 
@@ -274,9 +274,9 @@ class _Recorder:
         self.cls = RecordingVATT
 
     def install(self, monkeypatch):
-        import vatt_fast.models.vatt as vatt_module
+        import vatt_fast.training.setup as training_setup
 
-        monkeypatch.setattr(vatt_module, "VATT", self.cls)
+        monkeypatch.setattr(training_setup, "VATT", self.cls)
         return self
 
 
@@ -460,7 +460,7 @@ def test_cuda_run_bf16(tiny_data, tmp_path):
 
 
 def test_resume_with_other_world_size_fails_before_work(tiny_run, tmp_path, monkeypatch):
-    monkeypatch.setattr(train_mod, "_init_distributed", lambda device: None)
+    monkeypatch.setattr(train_mod, "init_distributed", lambda device: None)
     monkeypatch.setattr(train_mod, "get_world_size", lambda: 2)
     with pytest.raises(ValueError, match=r"written by 1 rank\(s\) but this run has 2; .* resume with 1 process"):
         main(["--resume", str(tiny_run), "--out", str(tmp_path / "o"), "--no-progress", "--device", "cpu"])

@@ -44,6 +44,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from vatt_fast.distributed import get_rank, get_world_size, is_dist
+from vatt_fast.io import TMP_MARK, atomic_path
 from vatt_fast.models.config import VATTConfig
 
 __all__ = [
@@ -198,24 +199,6 @@ def read_meta(ckpt: PathLike) -> Dict[str, Any]:
     return json.loads(p.read_text()) if p.is_file() else {}
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(str(path), os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
 def save_checkpoint(
     root: PathLike,
     step: int,
@@ -274,32 +257,21 @@ def _write(
     keep: int,
 ) -> Path:
     root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(".tmp-*"):  # left by a writer that crashed
+    for stale in root.glob(f"{TMP_MARK}*"):  # left by a writer that crashed
         shutil.rmtree(stale, ignore_errors=True)
     final = root / f"step-{step:08d}"
-    tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
-    tmp.mkdir()
     config = getattr(model, "config", None)
     wmeta = {"step": str(step)}
     if isinstance(config, VATTConfig):
         wmeta.update(preset=config.name, config=json.dumps(config.to_dict()))
-    save_weights(tmp / WEIGHTS_NAME, weights, wmeta)
-    torch.save(
-        {**state, "step": step, "optimizer": optim_state, "rng": rngs, "world_size": len(rngs)},
-        tmp / STATE_NAME,
-    )
-    (tmp / META_NAME).write_text(json.dumps({**meta, "step": step, "world_size": len(rngs)}, indent=2, default=str))
-    for f in (WEIGHTS_NAME, STATE_NAME, META_NAME):
-        _fsync_file(tmp / f)
-    _fsync_dir(tmp)
-    if final.exists():  # re-saving the same step (e.g. a signal right after a periodic save)
-        old = root / f".tmp-old-{final.name}-{os.getpid()}"
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-    _fsync_dir(root)
+    # Re-saving the same step (a signal right after a periodic save) replaces the folder.
+    with atomic_path(final, directory=True) as tmp:
+        save_weights(tmp / WEIGHTS_NAME, weights, wmeta)
+        torch.save(
+            {**state, "step": step, "optimizer": optim_state, "rng": rngs, "world_size": len(rngs)},
+            tmp / STATE_NAME,
+        )
+        (tmp / META_NAME).write_text(json.dumps({**meta, "step": step, "world_size": len(rngs)}, indent=2, default=str))
     if keep > 0:
         for old_ckpt in list_checkpoints(root)[:-keep]:
             shutil.rmtree(old_ckpt, ignore_errors=True)

@@ -1,4 +1,4 @@
-"""Process-group helpers: rank/world queries and collectives for contrastive losses.
+"""Process-group helpers: rank/world queries, collectives for contrastive losses, set-up.
 
 Everything here works with or without an initialised ``torch.distributed`` process
 group (outside one, world size is 1 and the collectives return their input), on the
@@ -11,19 +11,25 @@ on every rank (checked, with an error that names every rank's size).
 
 from __future__ import annotations
 
-from typing import Optional
+import os
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
+from torch.distributed.nn.functional import all_reduce as _differentiable_all_reduce
 
 __all__ = [
+    "GlobalBatchNorm1d",
     "all_gather_no_grad",
     "all_gather_with_grad",
     "all_reduce_value",
+    "broadcast_object",
     "get_rank",
     "get_world_size",
+    "init_distributed",
     "is_dist",
+    "sync_batchnorm",
 ]
 
 ProcessGroup = Optional["dist.ProcessGroup"]
@@ -159,3 +165,66 @@ def all_reduce_value(x: Tensor, op: str = "sum", group: ProcessGroup = None) -> 
     if op == "mean":
         out = out / world
     return out
+
+
+def init_distributed(device: torch.device) -> None:
+    """Join the process group torchrun describes (``WORLD_SIZE`` > 1): NCCL on CUDA, gloo on CPU."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not is_dist():
+        if device.type == "cuda":
+            dist.init_process_group("nccl", device_id=device)
+        else:
+            dist.init_process_group("gloo")
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank ``src``'s ``obj`` on every rank (``obj`` itself outside a process group)."""
+    if not is_dist():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+class GlobalBatchNorm1d(nn.BatchNorm1d):
+    """BatchNorm1d whose training statistics cover the global batch, for gloo (CPU) process groups.
+
+    torch's ``nn.SyncBatchNorm`` refuses CPU tensors. Here sums and sums of squares are
+    all-reduced with ``torch.distributed.nn.functional.all_reduce`` (differentiable: its
+    backward all-reduces the gradients), so outputs and gradients equal those of one
+    process holding the whole batch. Same parameters and buffers as ``nn.BatchNorm1d``, so
+    state dicts load either way.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:  # x: (B, C)
+        if not self.training or not is_dist():
+            return super().forward(x)
+        c = x.shape[1]
+        xf = x.float()
+        local = torch.cat([xf.sum(0), (xf * xf).sum(0), xf.new_tensor([float(x.shape[0])])])  # (2C + 1,)
+        total = _differentiable_all_reduce(local)
+        count = total[-1]
+        mean = total[:c] / count
+        var = (total[c : 2 * c] / count - mean * mean).clamp_min(0.0)
+        with torch.no_grad():
+            self.num_batches_tracked.add_(1)
+            m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+            unbiased = var * (count / (count - 1).clamp_min(1.0))
+            self.running_mean.mul_(1 - m).add_(m * mean.detach())
+            self.running_var.mul_(1 - m).add_(m * unbiased.detach())
+        y = (xf - mean) * torch.rsqrt(var + self.eps)
+        if self.affine:
+            y = y * self.weight + self.bias
+        return y.to(x.dtype)
+
+
+def sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
+    """Make every ``BatchNorm1d`` global over ranks: ``nn.SyncBatchNorm`` on CUDA, :class:`GlobalBatchNorm1d` on CPU."""
+    if device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.BatchNorm1d:
+                new = GlobalBatchNorm1d(child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats)
+                new.load_state_dict(child.state_dict())
+                setattr(parent, name, new.to(child.weight.device))
+    return model

@@ -29,7 +29,10 @@ import torch
 
 from vatt_fast.checkpoint import WEIGHTS_NAME, load_weights, read_meta, read_weights_config, resolve_checkpoint
 from vatt_fast.metrics import format_retrieval_table, linear_probe
-from vatt_fast.train import ATTENTION, DEVICES, KERNELS, LOADERS, PRECISIONS, _autocast, _check_data, evaluate
+from vatt_fast.training.loop import evaluate
+from vatt_fast.training.params import ATTENTION, DEVICES, KERNELS, LOADERS, PRECISIONS
+from vatt_fast.training.precision import autocast
+from vatt_fast.training.setup import check_data
 
 __all__ = ["build_parser", "main", "cli", "load_model", "extract_features"]
 
@@ -95,7 +98,7 @@ def extract_features(model: torch.nn.Module, loader: Any, device: torch.device, 
         if "label" not in batch:
             raise ValueError("the dataset has no labels (manifest rows without 'label'); the linear probe needs them")
         inputs = {k: batch[k].to(device, non_blocking=True) for k in ("video", "audio")}
-        with _autocast(device, precision):
+        with autocast(device, precision):
             out = model(inputs)
         feats["video_features"].append(out["video_features"].float().cpu())
         feats["audio_features"].append(out["audio_features"].float().cpu())
@@ -142,7 +145,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     if data is None:
         raise ValueError(f"--data is needed: checkpoint {str(ckpt)!r} does not record its dataset")
     data = Path(data).expanduser()
-    _check_data(data, args.split)
+    check_data(data, args.split)
     from vatt_fast.data.vocab import Vocabulary
 
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
