@@ -4,8 +4,8 @@ Each op is reachable as ``op(..., impl=None|"auto"|"triton"|"reference")``; ``No
 process default from ``$VATT_FAST_KERNELS`` (see :mod:`vatt_fast.kernels._dispatch`).
 """
 
-from ._dispatch import IMPLS, has_triton, register_triton, resolve_impl
 from . import nce  # the module: vatt_fast.kernels.nce.mil_nce / nce / *_reference
+from ._dispatch import IMPLS, has_triton, register_triton, resolve_impl
 from .droptoken import drop_token_gather, drop_token_gather_reference
 from .patch_embed import patch_embed, patch_embed_reference
 

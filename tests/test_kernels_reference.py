@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from embed_helpers import gather_tokens, random_video
+
 from vatt_fast.kernels import _dispatch, drop_token_gather, patch_embed, resolve_impl
 from vatt_fast.kernels.droptoken import drop_token_gather_reference
 from vatt_fast.kernels.patch_embed import patch_embed_reference

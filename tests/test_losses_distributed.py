@@ -131,7 +131,7 @@ def _check_split(single, results, key, names):
         torch.testing.assert_close(got_loss, loss, rtol=1e-12, atol=1e-12)
         sl = slice(r * B_LOCAL, (r + 1) * B_LOCAL)
         for name, g, gr in zip(names, grads, got_grads):
-            torch.testing.assert_close(gr, g[sl], rtol=1e-10, atol=1e-12, msg=lambda m: f"{key} {name} rank {r}: {m}")
+            torch.testing.assert_close(gr, g[sl], rtol=1e-10, atol=1e-12, msg=lambda m, name=name, r=r: f"{key} {name} rank {r}: {m}")
     assert results[0][key][0].item() == results[1][key][0].item()  # bitwise the same value
 
 
@@ -168,7 +168,7 @@ def test_gather_false_is_local(dist_run):
     data, results = dist_run
     for r, res in enumerate(results):
         sl = slice(r * B_LOCAL, (r + 1) * B_LOCAL)
-        local = _grads(lambda v, t: MILNCELoss()(v, t, data["mask"][sl]), data["video"][sl], data["text"][sl])
+        local = _grads(lambda v, t, sl=sl: MILNCELoss()(v, t, data["mask"][sl]), data["video"][sl], data["text"][sl])
         for got, want in zip(res["mil_local"], local):
             torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 

@@ -21,7 +21,7 @@ def test_quick_start_has_two_commands():
 
 def test_ci_runs_the_readme_test_command():
     test_cmd = _quick_start_commands()[1]
-    ci = [l.strip() for l in (ROOT / ".ci" / "run").read_text().splitlines() if l.strip() and not l.startswith("#")]
+    ci = [ln.strip() for ln in (ROOT / ".ci" / "run").read_text().splitlines() if ln.strip() and not ln.startswith("#")]
     assert ci[-1] == test_cmd, f"CI runs {ci[-1]!r}, README says {test_cmd!r}"
 
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from vatt_fast.nn.attention import Attention, RelativePositionBias, padding_mask_to_bias, set_attention_backend
 from vatt_fast.nn import transformer as transformer_mod
+from vatt_fast.nn.attention import Attention, RelativePositionBias, padding_mask_to_bias, set_attention_backend
 from vatt_fast.nn.transformer import Block, Encoder, Mlp
 
 TIMM_BLOCK_KEYS = [

@@ -22,11 +22,11 @@ from typing import Any, Dict, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
+from vatt_fast.nn._init import trunc_normal_
 from vatt_fast.nn.attention import RelativePositionBias, set_attention_backend
 from vatt_fast.nn.embed import AudioPatchEmbed, DropToken, TextEmbed, VideoPatchEmbed
 from vatt_fast.nn.heads import CommonSpaceHeads
 from vatt_fast.nn.transformer import Encoder
-from vatt_fast.nn._init import trunc_normal_
 
 from .config import EncoderConfig, VATTConfig, get_config
 

@@ -38,10 +38,10 @@ import threading
 from typing import Callable, Dict, List, NamedTuple, Optional, Tuple, Union
 
 import torch
-
-from ._init import trunc_normal_
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from ._init import trunc_normal_
 
 __all__ = [
     "AUTO_ORDER",

@@ -19,14 +19,14 @@ import math
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
-
-from ._init import trunc_normal_
 import torch.nn.functional as F
 from torch import nn
 
 from vatt_fast.kernels._dispatch import IMPLS
 from vatt_fast.kernels.droptoken import drop_token_gather
 from vatt_fast.kernels.patch_embed import patch_embed
+
+from ._init import trunc_normal_
 
 __all__ = ["AudioPatchEmbed", "DropToken", "num_kept_tokens", "TextEmbed", "VideoPatchEmbed", "interpolate_pos_table", "trunc_normal_pos_"]
 

@@ -12,11 +12,10 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
-
-from ._init import trunc_normal_
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from ._init import trunc_normal_
 from .attention import Attention, RelativePositionBias, padding_mask_to_bias
 
 __all__ = ["Mlp", "Block", "Encoder", "init_weights"]
