@@ -1,13 +1,31 @@
-"""Helpers shared by the benchmark files."""
+"""Helpers shared by the benchmark files.
+
+Every benchmark checks correctness before it is timed, with STYLE.md's parity rule
+(``assert_parity``, shared with the tests in ``tests/parity.py``), times a function that
+synchronises the device itself, and records its figures with :func:`record`, which works
+under ``--benchmark-disable`` too (no timing then, so no throughput).
+
+When ``$VATT_BENCH_LOG`` names a file, :func:`record` also appends one JSON line per
+finished benchmark to it, so that a run cut off by a timeout still has the figures of the
+benchmarks that finished (``scripts/gpu_check.sh`` prints them).
+"""
 
 from __future__ import annotations
 
 import functools
+import json
 import os
 import platform
-from typing import Any, Optional
+import sys
+from pathlib import Path
+from typing import Any, Callable, Optional
 
 import torch
+
+_TESTS = str(Path(__file__).resolve().parent.parent / "tests")
+if _TESTS not in sys.path:
+    sys.path.append(_TESTS)
+from parity import assert_parity, max_error  # noqa: E402,F401  (re-exported for the benchmarks)
 
 
 def machine() -> str:
@@ -16,26 +34,90 @@ def machine() -> str:
     return f"{os.cpu_count()}-core {platform.machine()} CPU, {gpu}"
 
 
+def device_name(device: torch.device) -> str:
+    """The device a figure was measured on: the GPU's name, or the CPU and its thread count."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on the CPU)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def inductor_error(device: torch.device) -> Optional[str]:
+    """Why torch.compile (inductor) cannot compile for ``device`` here, or None when it works."""
+    return _inductor_error(torch.device(device).type)
+
+
 @functools.lru_cache(maxsize=None)
-def inductor_error() -> Optional[str]:
-    """Why torch.compile (inductor) cannot run here, or None when it works."""
+def _inductor_error(device_type: str) -> Optional[str]:
     try:
+        x = torch.arange(4.0, device=device_type)
         fn = torch.compile(lambda a: a * 2 + 1)
-        torch.testing.assert_close(fn(torch.arange(4.0)), torch.arange(4.0) * 2 + 1)
-    except Exception as exc:  # a missing C++ compiler, an unsupported platform, ...
+        torch.testing.assert_close(fn(x), x * 2 + 1)
+    except Exception as exc:  # a missing C++ compiler (CPU) or Triton (CUDA), an unsupported platform, ...
         return f"{type(exc).__name__}: {exc}"
     return None
 
 
+def time_it(benchmark: Any, fn: Callable[[], Any], device: torch.device, rounds: int, warmup_rounds: int = 1) -> Any:
+    """Time ``fn`` with ``benchmark.pedantic``, synchronising the device inside the timed call."""
+
+    def run():
+        out = fn()
+        sync(device)
+        return out
+
+    return benchmark.pedantic(run, rounds=rounds, iterations=1, warmup_rounds=warmup_rounds)
+
+
+def seconds(benchmark: Any) -> Optional[float]:
+    """Median seconds per call, or None when timing is off (``--benchmark-disable``)."""
+    stats = getattr(benchmark, "stats", None)
+    if stats is None:
+        return None
+    return stats.stats.median
+
+
+def record(benchmark: Any, flops: Optional[float] = None, bytes_moved: Optional[float] = None, **info: Any) -> None:
+    """Put ``info`` and, when timed, TFLOP/s and GB/s from the median time into ``extra_info``.
+
+    ``flops`` / ``bytes_moved``: the work of one timed call (pass the one that has a
+    ceiling for this op, or both). Appends the record to ``$VATT_BENCH_LOG`` when set.
+    """
+    benchmark.extra_info.update(info)
+    t = seconds(benchmark)
+    if t is not None:
+        benchmark.extra_info["median_ms"] = round(1e3 * t, 4)
+        if flops is not None:
+            benchmark.extra_info["tflops"] = round(flops / t / 1e12, 4)
+        if bytes_moved is not None:
+            benchmark.extra_info["gbps"] = round(bytes_moved / t / 1e9, 3)
+    log = os.environ.get("VATT_BENCH_LOG")
+    if log:
+        test = os.environ.get("PYTEST_CURRENT_TEST", "?").rsplit(" ", 1)[0]
+        with open(log, "a") as f:
+            f.write(json.dumps({"test": test, **benchmark.extra_info}, default=str) + "\n")
+
+
 def record_loader_throughput(benchmark: Any, spec: Any, batch_size: int, per_round: int, **extra: Any) -> None:
     """Put clips/s and frames/s of a loader benchmark (``per_round`` batches a round) in ``extra_info``."""
-    mean = benchmark.stats.stats.mean / per_round  # seconds per batch
-    benchmark.extra_info.update(
-        clips_per_s=round(batch_size / mean, 2),
-        frames_per_s=round(batch_size * spec.num_frames / mean, 1),
+    info = dict(
         batches_per_round=per_round,
         clip=f"{spec.num_frames}x{spec.frame_size}x{spec.frame_size}",
         batch_size=batch_size,
         machine=machine(),
         **extra,
     )
+    t = seconds(benchmark)
+    if t is not None:
+        per_batch = t / per_round
+        info.update(
+            clips_per_s=round(batch_size / per_batch, 2),
+            frames_per_s=round(batch_size * spec.num_frames / per_batch, 1),
+        )
+    record(benchmark, **info)

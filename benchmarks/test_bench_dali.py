@@ -22,6 +22,7 @@ pytest.importorskip("nvidia.dali")
 
 from bench_utils import record_loader_throughput  # noqa: E402
 from test_bench_loader import big_set, tiny_set  # noqa: F401,E402  (session fixtures)
+
 from vatt_fast.data import build_loader  # noqa: E402
 from vatt_fast.data.sampler import ClipSpec  # noqa: E402
 

@@ -11,9 +11,7 @@ warm-up round that drains the prefetch queue, so the figure is the steady decode
 
 from __future__ import annotations
 
-
 import pytest
-
 from bench_utils import record_loader_throughput
 
 from vatt_fast.data import build_loader
