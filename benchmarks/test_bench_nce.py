@@ -14,7 +14,7 @@ and the device.
 
 Implementations: ``reference`` (eager) and ``reference-compiled`` (``torch.compile``; CUDA
 only, at the paper's batch of 2048 rows only, to bound compile time: inductor takes minutes
-on a 2-core CPU). The Triton kernel gets its own case when it is registered for op ``"nce"``.
+on a 2-core CPU). The Triton kernel gets its own case when it is registered for op ``"mil_nce"``.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ process default from ``$VATT_FAST_KERNELS`` (see :mod:`vatt_fast.kernels._dispat
 
 from . import nce  # the module: vatt_fast.kernels.nce.mil_nce / nce / *_reference
 from ._dispatch import IMPLS, has_triton, register_triton, resolve_impl
-from .droptoken import drop_token_gather, drop_token_gather_reference
+from .drop_token_gather import drop_token_gather, drop_token_gather_reference
 from .patch_embed import patch_embed, patch_embed_reference
 
 __all__ = [

@@ -267,14 +267,14 @@ def mil_nce(
     Args:
         impl: ``"reference"``, ``"triton"`` or ``"auto"``; None reads the
             ``VATT_FAST_KERNELS`` environment variable (default ``auto``). Until a Triton
-            kernel is registered for op ``"nce"`` (``_dispatch.register_triton``, taking
+            kernel is registered for op ``"mil_nce"`` (``register_triton``, taking
             the arguments of :func:`mil_nce_reference`), ``"triton"`` raises
             NotImplementedError and ``"auto"`` resolves to the reference.
     """
     tensors = [t for t in (video, text, text_mask, video_all, text_all, text_mask_all) if t is not None]
-    chosen = resolve_impl(impl, *tensors, op="nce")
+    chosen = resolve_impl(impl, *tensors, op="mil_nce")
     if chosen == "triton":
-        return get_triton("nce")(video, text, text_mask, video_all, text_all, text_mask_all, tau)
+        return get_triton("mil_nce")(video, text, text_mask, video_all, text_all, text_mask_all, tau)
     return mil_nce_reference(video, text, text_mask, video_all, text_all, text_mask_all, tau)
 
 
@@ -286,7 +286,10 @@ def nce(
     tau: float = DEFAULT_TAU,
     impl: Optional[str] = None,
 ) -> Tensor:
-    """Per-clip NCE loss ``[B]``; arguments as :func:`nce_reference`, ``impl`` as :func:`mil_nce`."""
+    """Per-clip NCE loss ``[B]``; arguments as :func:`nce_reference`, ``impl`` as :func:`mil_nce`.
+
+    NCE is MIL-NCE with one positive (K = 1), so it runs the ``mil_nce`` kernel.
+    """
     _check_pair(video, audio, "audio")
     return mil_nce(
         video,

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from ._dispatch import get_triton, resolve_impl
-from .droptoken import check_keep, select_tokens
+from .drop_token_gather import check_keep, select_tokens
 
 __all__ = ["PatchGeometry", "check_patch_embed_args", "patch_embed", "patch_embed_reference"]
 

@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vatt_fast.kernels._dispatch import IMPLS
-from vatt_fast.kernels.droptoken import drop_token_gather
+from vatt_fast.kernels import IMPLS
+from vatt_fast.kernels.drop_token_gather import drop_token_gather
 from vatt_fast.kernels.patch_embed import patch_embed
 
 from ._init import trunc_normal_

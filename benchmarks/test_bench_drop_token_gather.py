@@ -6,7 +6,7 @@ GB/s and the device in ``extra_info``. The op only selects rows and adds one fp3
 row, so it has no low-precision noise to compare with: the output must be the correctly
 rounded sum, within ``2**-24`` relative of the exact one (on any device; no TF32 is
 involved in a gather and an add).
-Run with ``pytest benchmarks/test_bench_droptoken.py --benchmark-only``.
+Run with ``pytest benchmarks/test_bench_drop_token_gather.py --benchmark-only``.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from bench_utils import device_name, inductor_error, record, time_it
 
-from vatt_fast.kernels.droptoken import drop_token_gather_reference
+from vatt_fast.kernels.drop_token_gather import drop_token_gather_reference
 from vatt_fast.models.config import get_config
 
 
