@@ -39,6 +39,7 @@ setup(
             "pytest>=7.4",
             "pytest-benchmark>=4.0",
             "pytest-timeout>=2.2",
+            "ruff>=0.6",
             "nvidia-dali-cuda130>=1.40; platform_system == 'Linux'",
         ],
     },

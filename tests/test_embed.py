@@ -1,8 +1,12 @@
 """Embedding layers: VideoPatchEmbed, AudioPatchEmbed, TextEmbed, DropToken.
 
-Independent computations: ``nn.Conv3d`` / ``nn.Conv1d`` on the explicitly normalised input,
-position tables summed / interpolated with explicit loops, plain indexing for the text table.
-fp32 layers are held to STYLE.md's parity rule (``tests/parity.py``) against a float64 CPU
+The layers' own contract: a real ``nn.Conv3d`` / ``nn.Conv1d`` holds the weights (state_dicts
+load both ways), the position tables (summed / interpolated with explicit loops here), the
+default pixel affine, ``keep`` from DropToken, shapes, dtypes and errors; plain indexing for the
+text table. VideoPatchEmbed is checked to run the ``patch_embed`` op on its parameters; the op's
+own parity with Conv3d lives in ``test_kernel_patch_embed.py`` and is not repeated here.
+Where a layer test compares against ``nn.Conv3d`` (interpolated tables, a bf16 module), fp32
+layers are held to STYLE.md's parity rule (``tests/parity.py``) against a float64 CPU
 reference, with the fp32 ``nn.Conv3d`` on the test's device as the plain PyTorch comparator:
 on CUDA cuDNN runs that convolution in TF32 by default, and the bound admits exactly that.
 """
@@ -14,10 +18,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from embed_helpers import gather_tokens, random_video
 from torch import nn
 
+from embed_helpers import gather_tokens, random_video
 from parity import assert_parity
+from vatt_fast.kernels.patch_embed import patch_embed
 from vatt_fast.nn.embed import (
     AudioPatchEmbed,
     DropToken,
@@ -80,19 +85,20 @@ ATOL_FP32 = 1e-5
 # VideoPatchEmbed
 # --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("in_dtype", [torch.uint8, torch.float32], ids=["uint8", "float32"])
-def test_video_patch_embed_matches_conv3d(device, in_dtype):
-    """Parity rule: max|layer - conv64| <= 2 * max|Conv3d fp32 on device - conv64| + ATOL_FP32,
-    conv64 being nn.Conv3d in float64 on the CPU (TF32 noise admitted where torch has it)."""
+def test_video_patch_embed_is_patch_embed_on_its_conv3d(device, in_dtype):
+    """The layer is the patch_embed op (held to Conv3d parity in test_kernel_patch_embed.py) on
+    a real nn.Conv3d's weight and bias (kernel = stride = patch_size), the summed position
+    tables and the default pixel affine x / 127.5 - 1, bit for bit."""
     layer = VideoPatchEmbed(patch_size=(2, 8, 8), in_chans=3, embed_dim=40, grid_size=(3, 3, 3)).to(device)
+    assert isinstance(layer.proj, nn.Conv3d)
+    assert layer.proj.kernel_size == layer.proj.stride == (2, 8, 8)
     x = random_video((2, 6, 24, 24, 3), in_dtype, device)
     out = layer(x)
-    tables = (layer.pos_embed_t, layer.pos_embed_h, layer.pos_embed_w)
-    pos = summed_pos(*tables)
-    ref = conv3d_reference(layer, x, summed_pos(*(e.detach().double().cpu() for e in tables)), torch.float64, "cpu")
-    plain = conv3d_reference(layer, x, pos)
+    pos = layer.position_embedding()
     assert out.shape == (2, 27, 40) and out.dtype == torch.float32
-    assert_parity(out, ref, plain, ATOL_FP32, plain_rtol=1e-2)
-    torch.testing.assert_close(layer.position_embedding(), pos, rtol=0, atol=1e-7)
+    torch.testing.assert_close(pos, summed_pos(layer.pos_embed_t, layer.pos_embed_h, layer.pos_embed_w), rtol=0, atol=1e-7)
+    op = patch_embed(x, layer.proj.weight, layer.proj.bias, pos=pos, scale=1 / 127.5, shift=-1.0, impl=layer.impl)
+    torch.testing.assert_close(out, op, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("per_sample", [False, True], ids=["shared", "per_sample"])
@@ -105,23 +111,18 @@ def test_video_patch_embed_keep(device, per_sample):
     torch.testing.assert_close(layer(x, keep=keep), gather_tokens(layer(x), keep), rtol=1e-5, atol=1e-5)
 
 
-def conv3d_via_functional(layer: VideoPatchEmbed, x: torch.Tensor) -> torch.Tensor:
-    """F.conv3d with the layer's own parameters (so gradients reach them) on x / 127.5 - 1."""
-    normalised = x.to(layer.proj.weight.dtype) / 127.5 - 1.0
-    out = F.conv3d(normalised.permute(0, 4, 1, 2, 3), layer.proj.weight, layer.proj.bias, stride=layer.patch_size)
-    return out.flatten(2).transpose(1, 2)  # (B, N, D)
-
-
 @pytest.mark.parametrize("per_sample", [None, False, True], ids=["all", "shared", "per_sample"])
-def test_video_patch_embed_gradients_match_conv3d(device, per_sample):
+def test_video_patch_embed_gradients_reach_every_parameter(device, per_sample):
+    """Gradients reach proj.weight, proj.bias and the three position tables as through the
+    patch_embed op (whose gradients test_kernel_patch_embed.py holds to Conv3d's, on these
+    shapes) given the tables summed with explicit loops."""
     layer = VideoPatchEmbed(patch_size=(2, 5, 5), in_chans=3, embed_dim=9, grid_size=(2, 2, 3)).to(device).double()
     x = random_video((2, 4, 10, 15, 3), torch.uint8, device)
     keep = None if per_sample is None else DropToken(0.5, per_sample=per_sample).sample_keep(2, 12, device)
     params = [layer.proj.weight, layer.proj.bias, layer.pos_embed_t, layer.pos_embed_h, layer.pos_embed_w]
     out = layer(x, keep=keep)
-    ref = conv3d_via_functional(layer, x) + summed_pos(layer.pos_embed_t, layer.pos_embed_h, layer.pos_embed_w)
-    if keep is not None:
-        ref = gather_tokens(ref, keep)
+    pos = summed_pos(layer.pos_embed_t, layer.pos_embed_h, layer.pos_embed_w)
+    ref = patch_embed(x, layer.proj.weight, layer.proj.bias, pos=pos, keep=keep, scale=1 / 127.5, shift=-1.0, impl=layer.impl)
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
     grad_out = torch.randn_like(out)
     got = torch.autograd.grad(out, params, grad_out)
@@ -132,8 +133,8 @@ def test_video_patch_embed_gradients_match_conv3d(device, per_sample):
 
 
 def test_video_patch_embed_interpolates_pos_tables(device):
-    """Parity rule as in test_video_patch_embed_matches_conv3d; the reference interpolates the
-    tables with explicit loops in float64, the comparator in fp32 on the device."""
+    """Parity rule (module docstring) against nn.Conv3d; the reference interpolates the tables
+    with explicit loops in float64, the comparator in fp32 on the device."""
     layer = VideoPatchEmbed(patch_size=(2, 4, 4), in_chans=3, embed_dim=12, grid_size=(3, 4, 5)).to(device)
     x = random_video((2, 10, 12, 8, 3), torch.uint8, device)  # grid (5, 3, 2): every table resized
     out = layer(x)

@@ -1,7 +1,7 @@
-"""Dispatch and the PyTorch references of patch_embed and drop_token_gather.
-
-Independent computations: ``F.conv3d`` / ``F.conv1d`` on the explicitly normalised input,
-and a dense one-hot selection matmul for the gather; references run in float64.
+"""The ``patch_embed`` op (``vatt_fast.kernels.patch_embed``): its PyTorch reference against an
+explicit ``F.conv3d`` / ``F.conv1d`` on the normalised input (computed in float64), the
+``keep`` (DropToken) selection, gradients, low precision and autocast, input checks, and how
+it dispatches by ``impl``.
 """
 
 from __future__ import annotations
@@ -9,17 +9,15 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from embed_helpers import gather_tokens, random_video
 
-from vatt_fast.kernels import _dispatch, drop_token_gather, patch_embed, resolve_impl
-from vatt_fast.kernels.droptoken import drop_token_gather_reference
-from vatt_fast.kernels.patch_embed import patch_embed_reference
+from embed_helpers import gather_tokens, random_video
+from vatt_fast.kernels import _dispatch, patch_embed
 
 SCALE, SHIFT = 1.0 / 127.5, -1.0
 
 
 # --------------------------------------------------------------------------------------
-# independent computations
+# independent computation
 # --------------------------------------------------------------------------------------
 def conv3d_tokens(x, weight, bias, scale=None, shift=None, pos=None):
     """Normalise the whole video in float64, run Conv3d, flatten the grid into tokens."""
@@ -42,73 +40,11 @@ def conv3d_tokens(x, weight, bias, scale=None, shift=None, pos=None):
 # --------------------------------------------------------------------------------------
 # dispatch
 # --------------------------------------------------------------------------------------
-def test_resolve_impl_explicit_and_auto_on_cpu(monkeypatch):
-    monkeypatch.delenv(_dispatch.ENV_VAR, raising=False)
-    x = torch.zeros(2)
-    assert resolve_impl("reference", x, op="patch_embed") == "reference"
-    assert resolve_impl("auto", x, op="patch_embed") == "reference"
-    assert resolve_impl(None, x, op="patch_embed") == "reference"
-    # A registered Triton kernel still does not make "auto" pick it for CPU tensors.
-    monkeypatch.setitem(_dispatch._TRITON_OPS, "fake_op", lambda *a, **k: None)
-    assert resolve_impl("auto", x, None, op="fake_op") == "reference"
-
-
-def test_resolve_impl_auto_follows_device_and_registry(monkeypatch, device):
-    x = torch.zeros(3, device=device)
-    assert resolve_impl("auto", x, op="not_registered_op") == "reference"
-    monkeypatch.setitem(_dispatch._TRITON_OPS, "fake_op", lambda *a, **k: None)
-    expected = "triton" if device.type == "cuda" and _dispatch.triton_available() else "reference"
-    assert resolve_impl("auto", x, op="fake_op") == expected
-
-
-def test_resolve_impl_rejects_unknown_impl():
-    with pytest.raises(ValueError, match=r"impl='fast'.*\['auto', 'triton', 'reference'\]"):
-        resolve_impl("fast", torch.zeros(1), op="patch_embed")
-
-
-@pytest.mark.parametrize("op", ["patch_embed", "drop_token_gather"])
-def test_triton_without_kernel_raises_not_implemented(op):
-    with pytest.raises(NotImplementedError, match=rf"Triton kernel for {op} lands in a later release.*impl='reference'"):
-        resolve_impl("triton", torch.zeros(1), op=op)
-
-
-def test_patch_embed_and_gather_never_fall_back_silently():
+def test_never_falls_back_silently():
     x = torch.randint(0, 256, (1, 2, 4, 4, 3), dtype=torch.uint8)
     w, b = torch.randn(5, 3, 2, 2, 2), torch.randn(5)
     with pytest.raises(NotImplementedError, match="patch_embed lands in a later release"):
         patch_embed(x, w, b, impl="triton")
-    with pytest.raises(NotImplementedError, match="drop_token_gather lands in a later release"):
-        drop_token_gather(torch.randn(2, 4, 3), torch.tensor([0, 2]), impl="triton")
-
-
-def test_env_var_sets_process_default(monkeypatch):
-    x = torch.randint(0, 256, (1, 2, 4, 4, 3), dtype=torch.uint8)
-    w, b = torch.randn(5, 3, 2, 2, 2), torch.randn(5)
-    monkeypatch.setenv(_dispatch.ENV_VAR, "triton")
-    assert _dispatch.default_impl() == "triton"
-    with pytest.raises(NotImplementedError, match="lands in a later release"):
-        patch_embed(x, w, b)
-    # An explicit impl overrides the environment.
-    assert patch_embed(x, w, b, impl="reference").shape == (1, 4, 5)
-    monkeypatch.setenv(_dispatch.ENV_VAR, " Reference ")
-    assert resolve_impl(None, x, op="patch_embed") == "reference"
-    torch.testing.assert_close(patch_embed(x, w, b), patch_embed_reference(x, w, b), rtol=0, atol=0)
-    monkeypatch.setenv(_dispatch.ENV_VAR, "")
-    assert _dispatch.default_impl() == "auto"
-    monkeypatch.setenv(_dispatch.ENV_VAR, "cuda")
-    with pytest.raises(ValueError, match=r"VATT_FAST_KERNELS='cuda'.*\['auto', 'triton', 'reference'\]"):
-        patch_embed(x, w, b)
-
-
-def test_triton_on_cpu_needs_interpreter(monkeypatch):
-    if not _dispatch.triton_available():
-        pytest.skip("triton is not installed")
-    monkeypatch.setitem(_dispatch._TRITON_OPS, "fake_op", lambda *a, **k: None)
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    with pytest.raises(RuntimeError, match=r"needs CUDA tensors, got tensors on \['cpu'\].*TRITON_INTERPRET=1"):
-        resolve_impl("triton", torch.zeros(1), op="fake_op")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert resolve_impl("triton", torch.zeros(1), op="fake_op") == "triton"
 
 
 def test_registered_triton_kernel_is_called(monkeypatch):
@@ -120,31 +56,17 @@ def test_registered_triton_kernel_is_called(monkeypatch):
         calls.append((pos, keep, scale, shift))
         return "fake-triton-output"
 
-    def fake_gather(x, keep, pos=None):
-        calls.append((keep, pos))
-        return "fake-gather-output"
-
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setitem(_dispatch._TRITON_OPS, "patch_embed", fake_patch_embed)
-    monkeypatch.setitem(_dispatch._TRITON_OPS, "drop_token_gather", fake_gather)
     x = torch.zeros(1, 2, 4, 4, 3, dtype=torch.uint8)
     keep = torch.tensor([1])
     assert patch_embed(x, torch.zeros(5, 3, 2, 2, 2), None, keep=keep, scale=0.5, impl="triton") == "fake-triton-output"
     assert calls[-1] == (None, keep, 0.5, None)
-    assert drop_token_gather(torch.zeros(1, 3, 2), keep, impl="triton") == "fake-gather-output"
     assert _dispatch.has_triton("patch_embed")
 
 
-def test_register_triton_validates():
-    with pytest.raises(ValueError, match="non-empty string"):
-        _dispatch.register_triton("", lambda: None)
-    with pytest.raises(TypeError, match="must be callable, got int"):
-        _dispatch.register_triton("some_op", 3)
-    assert not _dispatch.has_triton("some_op")
-
-
 # --------------------------------------------------------------------------------------
-# patch_embed: video
+# video
 # --------------------------------------------------------------------------------------
 VIDEO_CASES = [
     # (B, T, H, W, C), (t, h, w), D
@@ -208,11 +130,8 @@ def test_keep_int32_and_empty(device):
             patch_embed(x, w, b, pos=pos, keep=keep, impl="reference"),
             rtol=0, atol=0,
         )
-        tokens = torch.randn(2, 12, 5, device=device)
-        torch.testing.assert_close(drop_token_gather(tokens, keep.int(), pos), drop_token_gather(tokens, keep, pos), rtol=0, atol=0)
     for empty in (torch.zeros(0, dtype=torch.long, device=device), torch.zeros(2, 0, dtype=torch.long, device=device)):
         assert patch_embed(x, w, b, pos=pos, keep=empty, impl="reference").shape == (2, 0, 5)
-        assert drop_token_gather(torch.randn(2, 12, 5, device=device), empty).shape == (2, 0, 5)
 
 
 @pytest.mark.parametrize("keep_kind", ["all", "shared", "per_sample"])
@@ -288,7 +207,7 @@ def test_autocast_output_dtype_and_accuracy():
 
 
 # --------------------------------------------------------------------------------------
-# patch_embed: audio
+# audio
 # --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("keep_kind", ["all", "shared", "per_sample"])
 def test_audio_matches_conv1d_with_gradients(device, keep_kind):
@@ -319,7 +238,7 @@ def test_audio_scale_shift_folded():
 
 
 # --------------------------------------------------------------------------------------
-# patch_embed: bad inputs
+# bad inputs
 # --------------------------------------------------------------------------------------
 def _video_args():
     return dict(
@@ -373,63 +292,3 @@ def test_audio_bad_inputs_raise_value_error(name, override, message):
     args.update(override)
     with pytest.raises(ValueError, match=message):
         patch_embed(**args, impl="reference")
-
-
-# --------------------------------------------------------------------------------------
-# drop_token_gather
-# --------------------------------------------------------------------------------------
-def dense_gather(x, keep, pos=None):
-    """Independent: a one-hot selection matrix times the tokens."""
-    B, N, _ = x.shape
-    rows = keep if keep.dim() == 2 else keep.expand(B, -1)
-    select = F.one_hot(rows, N).to(x.dtype)  # (B, N_keep, N)
-    out = select @ x
-    return out if pos is None else out + select @ pos.to(x.dtype)
-
-
-@pytest.mark.parametrize("per_sample", [False, True], ids=["shared", "per_sample"])
-@pytest.mark.parametrize("with_pos", [False, True], ids=["no_pos", "pos"])
-def test_drop_token_gather_matches_dense(device, per_sample, with_pos):
-    B, N, D, K = 3, 37, 19, 11
-    x = torch.randn(B, N, D, device=device, dtype=torch.float64, requires_grad=True)
-    pos = torch.randn(N, D, device=device, dtype=torch.float64, requires_grad=True) if with_pos else None
-    if per_sample:
-        keep = torch.rand(B, N, device=device).argsort(dim=1)[:, :K]
-        keep[2, 3] = keep[2, 4]  # repeated index: its gradient must accumulate
-    else:
-        keep = torch.randperm(N, device=device)[:K]
-    out = drop_token_gather(x, keep, pos=pos, impl="reference")
-    ref = dense_gather(x, keep, pos)
-    assert out.shape == (B, K, D)
-    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
-    inputs = (x,) if pos is None else (x, pos)
-    grad_out = torch.randn_like(out)
-    for g, r in zip(torch.autograd.grad(out, inputs, grad_out), torch.autograd.grad(ref, inputs, grad_out)):
-        torch.testing.assert_close(g, r, rtol=0, atol=1e-12)
-
-
-def test_drop_token_gather_keeps_x_dtype():
-    x = torch.randn(2, 10, 4, dtype=torch.bfloat16)
-    pos = torch.randn(10, 4)
-    out = drop_token_gather(x, torch.tensor([3, 1]), pos=pos, impl="reference")
-    assert out.dtype == torch.bfloat16
-    torch.testing.assert_close(out, x[:, [3, 1]] + pos[[3, 1]].bfloat16())
-    assert drop_token_gather_reference(x, torch.tensor([3, 1])).dtype == torch.bfloat16
-
-
-BAD_GATHER = [
-    ("x_rank", dict(x=torch.randn(2, 10)), r"x must be tokens \[B, N, D\], got \(2, 10\)"),
-    ("keep_none", dict(keep=None), r"keep is required"),
-    ("keep_high", dict(keep=torch.tensor([2, 10])), r"keep holds token index 10 but there are 10 tokens"),
-    ("keep_rows", dict(keep=torch.zeros(4, 3, dtype=torch.long)), r"has 4 rows but the batch has 2"),
-    ("keep_float", dict(keep=torch.tensor([1.0])), r"int64 token indices, got dtype torch.float32"),
-    ("pos_shape", dict(pos=torch.randn(10, 5)), r"pos must be \[N, D\] = \(10, 4\).*got \(10, 5\)"),
-]
-
-
-@pytest.mark.parametrize("name,override,message", BAD_GATHER, ids=[c[0] for c in BAD_GATHER])
-def test_drop_token_gather_bad_inputs(name, override, message):
-    args = dict(x=torch.randn(2, 10, 4), keep=torch.tensor([1, 2]), pos=None)
-    args.update(override)
-    with pytest.raises(ValueError, match=message):
-        drop_token_gather(**args, impl="reference")
