@@ -15,16 +15,20 @@ resume, step loop, run folder), so evaluation and fine-tuning reuse them.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 import time
-from typing import Any, Dict, Optional, Sequence
+from pathlib import Path
+from typing import Any, Dict, Optional, Sequence, Tuple
 
+import torch
 import torch.distributed as dist
 
-from vatt_fast.checkpoint import set_rng_state
+from vatt_fast.checkpoint import find_latest, set_rng_state
 from vatt_fast.distributed import get_world_size, init_distributed, is_dist
 from vatt_fast.metrics import format_retrieval_table
+from vatt_fast.models.config import VATTConfig
 from vatt_fast.training.loop import (
     CompileError,
     DeviceBatches,
@@ -40,7 +44,7 @@ from vatt_fast.training.loop import (
 )
 from vatt_fast.training.params import build_parser, fill_defaults, parse_args
 from vatt_fast.training.precision import pick_device, resolve_precision
-from vatt_fast.training.resume import check_resume, find_resume, restore
+from vatt_fast.training.resume import ResumePoint, check_resume, find_resume, restore
 from vatt_fast.training.run_folder import (
     MetricsLog,
     make_run_dir,
@@ -66,11 +70,14 @@ __all__ = [
     "CompileError",
     "NonFiniteLossError",
     "build_parser",
+    "build_run",
     "cli",
     "evaluate",
     "lr_at",
     "main",
     "parse_args",
+    "prepare",
+    "run_training",
     "train_one_epoch",
     "train_steps",
 ]
@@ -88,9 +95,26 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     t_start = time.perf_counter()
     args = parse_args(argv)
     resume = find_resume(args)  # fills the arguments a resumed run takes from its checkpoint
+    config, device, data_dir = prepare(args, resume)
+    run = build_run(args, config, device, data_dir)
+    rng = restore(run, resume) if resume is not None else None
+    if run.is_main:
+        write_resolved_config(run.run_dir, args, config, data_dir)
+    run.metrics = MetricsLog(run.run_dir, enabled=run.is_main)
+    status = run_training(run, resume, rng)
+    run.metrics.close()
+    summary = _report(run, status, time.perf_counter() - t_start) if run.is_main else {}
+    if is_dist():
+        dist.barrier()
+    return summary
+
+
+def prepare(args: argparse.Namespace, resume: Optional[ResumePoint]) -> Tuple[VATTConfig, torch.device, Path]:
+    """Settle the arguments, the data, the device and the process group, and check them all,
+    before any expensive work: ``(model config, device, dataset folder)``."""
     args.preset = args.preset or "tiny"
     if args.data is not None:
-        check_data(dataset_dir(args.data), "train")  # fail before any expensive work
+        check_data(dataset_dir(args.data), "train")
     device = pick_device(args.device)
     init_distributed(device)
     world = get_world_size()
@@ -105,14 +129,19 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         )
     if resume is not None:
         check_resume(resume, config, world)
+    return config, device, data_dir
+
+
+def build_run(args: argparse.Namespace, config: VATTConfig, device: torch.device, data_dir: Path) -> RunState:
+    """The run folder and logging, then model (wrapped for DDP/FSDP, compiled), optimizer, loss and loaders."""
+    world = get_world_size()
     precision = resolve_precision(args.precision, device)
     run_dir = make_run_dir(args)
     setup_logging(run_dir)
-    if resume is None and args.resume == "auto":
+    if args.resume == "auto" and find_latest(run_dir) is None:
         log.info("--resume auto: no checkpoint in %s, starting a fresh run", run_dir)
     log.info("preset %s on %s (%s, world size %d), data %s, run folder %s", config.name, device, precision, world,
              data_dir, run_dir)  # fmt: skip
-
     raw_model = build_model(args, config, device)
     model = wrap_model(raw_model, args, device, world)
     if args.fsdp and world > 1:
@@ -121,37 +150,35 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     if args.compile:
         model.compile(backend=args.compile_backend)
     train_loader, eval_loader = build_loaders(args, config, data_dir, device, world)
-    run = RunState(args=args, config=config, model=model, raw_model=raw_model, loss_fn=build_loss(args, config),
-                   optimizer=optimizer, device=device, precision=precision, world_size=world, run_dir=run_dir,
-                   train_loader=train_loader, eval_loader=eval_loader,
-                   peak_flops=resolve_peak_flops(args, device, precision))  # fmt: skip
-    rng = restore(run, resume) if resume is not None else None
-    if run.is_main:
-        write_resolved_config(run_dir, args, config, data_dir)
-    run.metrics = MetricsLog(run_dir, enabled=run.is_main)
+    return RunState(args=args, config=config, model=model, raw_model=raw_model, loss_fn=build_loss(args, config),
+                    optimizer=optimizer, device=device, precision=precision, world_size=world, run_dir=run_dir,
+                    train_loader=train_loader, eval_loader=eval_loader,
+                    peak_flops=resolve_peak_flops(args, device, precision))  # fmt: skip
 
+
+def run_training(run: RunState, resume: Optional[ResumePoint], rng: Optional[Dict[str, Any]]) -> str:
+    """Train up to ``--steps`` (saving and stopping on SIGTERM/SIGINT), then save and evaluate;
+    returns ``"done"`` or ``"interrupted"``. The loaders are closed however it ends."""
+    args = run.args
     status = "done"
-    with StopSignals(run), closing_loaders(train_loader, eval_loader):
-        batches = DeviceBatches(train_loader, device)
+    with StopSignals(run), closing_loaders(run.train_loader, run.eval_loader):
+        batches = DeviceBatches(run.train_loader, run.device)
         if rng is not None:
-            set_rng_state(rng)
+            set_rng_state(rng)  # after the loaders started their workers, as in the run that saved it
         if run.step < args.steps:
             log.info("training steps %d..%d of %d (global batch %d, %d per rank), lr %.3g -> %.3g, warmup %d, "
-                     "schedule %d steps", run.step + 1, args.steps, args.steps, args.batch_size, args.batch_size // world,
-                     args.lr, args.end_lr, args.warmup_steps, args.total_steps)  # fmt: skip
+                     "schedule %d steps", run.step + 1, args.steps, args.steps, args.batch_size,
+                     args.batch_size // run.world_size, args.lr, args.end_lr, args.warmup_steps,
+                     args.total_steps)  # fmt: skip
             status = train_steps(run, args.steps, batches)
         else:
             log.info("already at step %d >= --steps %d: nothing to train", run.step, args.steps)
         if status == "done":
             if resume is None or run.step > resume.step:
                 save(run)
-            if eval_loader is not None:
+            if run.eval_loader is not None:
                 run.last_eval = evaluate_and_log(run)
-    run.metrics.close()
-    summary = _report(run, status, time.perf_counter() - t_start) if run.is_main else {}
-    if is_dist():
-        dist.barrier()
-    return summary
+    return status
 
 
 def _report(run: RunState, status: str, wall_s: float) -> Dict[str, Any]:
