@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import gc
 import itertools
+import logging
 import os
 import signal
 import time
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -20,23 +22,27 @@ pytest.importorskip("nvidia.dali")
 
 from data_fixtures import (  # noqa: F401,E402
     BAD_IDS,
+    ZOO,
     bad_dir,
     synthetic_dir,
     timed_audio,
     timed_dir,
     timed_level,
+    zoo_dir,
 )
-
 from vatt_fast.data import build_loader  # noqa: E402
+from vatt_fast.data.base import TooMuchBadData  # noqa: E402
 from vatt_fast.data.dali_loader import DALILoader  # noqa: E402
 from vatt_fast.data.manifest import read_manifest  # noqa: E402
 from vatt_fast.data.sampler import ClipSpec  # noqa: E402
 from vatt_fast.models.config import get_config  # noqa: E402
 
-# Decoder/resampler differences between DALI and the PyAV reference (measured: ~0.6 grey
-# levels mean abs. difference on the synthetic set, audio correlation > 0.9999).
-VIDEO_MAD = 2.0
-AUDIO_CORR = 0.999
+# Decoder/resampler differences between DALI and the PyAV reference, as the README states them.
+# Measured on the synthetic set (DALI 2.4 CPU pipeline): mean abs. frame difference 0.58 grey
+# levels at the preset geometry, 0.71-0.77 with the odd 37-pixel resize of the parity test (0.9
+# for the worst single clip); audio correlation >= 0.99995 for every clip.
+VIDEO_MAD = 1.0
+AUDIO_CORR = 0.9999
 
 
 def _take(loader, n):
@@ -221,33 +227,168 @@ def test_bad_data_is_replaced_and_counted_like_pyav(bad_dir, device):  # noqa: F
     dali.close()
 
 
-@pytest.mark.parametrize("batch_size", [1, 3])
-def test_corrupt_packets_found_by_the_reference_decoder(bad_dir, tmp_path, device, batch_size):  # noqa: F811
-    """A file whose header and packet count are fine but whose data is garbage passes the probe;
-    DALI's failure is traced to it, it is counted and replaced, and the batch still comes."""
+def _corrupt_copy(bad_dir, tmp_path, corrupt):  # noqa: F811
+    """Six copies of bad_dir's good record; ``corrupt(media_dir)`` damages some in place."""
     import json
     import shutil
 
     rows = [json.loads(line) for line in (bad_dir / "manifest.jsonl").read_text().splitlines()]
     good = next(r for r in rows if r["id"] == "good")
     (tmp_path / "media").mkdir()
-    for name in ("a", "corrupt", "b"):
-        shutil.copy(bad_dir / good["video"], tmp_path / "media" / f"{name}.webm")
-        shutil.copy(bad_dir / good["audio"], tmp_path / "media" / f"{name}.flac")
-    audio = bytearray((tmp_path / "media" / "corrupt.flac").read_bytes())
-    rng = np.random.default_rng(0)
-    audio[200:] = rng.integers(0, 256, len(audio) - 200, dtype=np.uint8).tobytes()
-    (tmp_path / "media" / "corrupt.flac").write_bytes(bytes(audio))
     with open(tmp_path / "manifest.jsonl", "w") as f:
-        for name in ("a", "corrupt", "b"):
-            f.write(json.dumps(dict(good, id=name, video=f"media/{name}.webm", audio=f"media/{name}.flac")) + "\n")
+        for k in range(6):
+            shutil.copy(bad_dir / good["video"], tmp_path / "media" / f"r{k}.webm")
+            shutil.copy(bad_dir / good["audio"], tmp_path / "media" / f"r{k}.flac")
+            f.write(json.dumps(dict(good, id=f"r{k}", video=f"media/r{k}.webm", audio=f"media/r{k}.flac")) + "\n")
     shutil.copy(bad_dir / "vocab.txt", tmp_path / "vocab.txt")
-    loader = build_loader(tmp_path, "train", batch_size, backend="dali", num_workers=1, train=False, device=device)
-    pyav = build_loader(tmp_path, "train", batch_size, backend="pyav", num_workers=0, train=False)
-    got_d, got_p = list(loader), list(pyav)
-    assert [b["index"].tolist() for b in got_d] == [b["index"].tolist() for b in got_p]
-    assert torch.cat([b["index"].cpu() for b in got_d]).tolist() == [0, 2, 2]
-    assert loader.bad_data == pyav.bad_data and sum(loader.bad_data.values()) == 1
+    corrupt(tmp_path / "media")
+    return tmp_path
+
+
+def _garble_packets(path, first: int, last: int) -> None:
+    """Overwrite the data of video packets first..last-1 (container structure intact)."""
+    import av
+
+    with av.open(str(path)) as c:
+        packets = [(p.pos, p.size) for p in c.demux(c.streams.video[0]) if p.size]
+    data = bytearray(path.read_bytes())
+    rng = np.random.default_rng(0)
+    for pos, size in packets[first:last]:
+        data[pos + 4 : pos + size] = rng.integers(0, 256, size - 4, dtype=np.uint8).tobytes()
+    path.write_bytes(bytes(data))
+
+
+def _garble_flac_middle(path) -> None:
+    """Overwrite 75%..80% of a FLAC's bytes: its header, its end and the centred 0.8 s window stay intact."""
+    data = bytearray(path.read_bytes())
+    a, b = int(0.75 * len(data)), int(0.80 * len(data))
+    data[a:b] = np.random.default_rng(1).integers(0, 256, b - a, dtype=np.uint8).tobytes()
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_corrupt_packets_found_by_the_reference_decoder(bad_dir, tmp_path, device, batch_size):  # noqa: F811
+    """A video whose header and packet index are fine but whose packets around the window are
+    garbage passes the probe; DALI's failure is traced to it with the PyAV reference decoder,
+    it is counted and replaced, and the batches still come, as from the PyAV backend."""
+    data = _corrupt_copy(bad_dir, tmp_path, lambda media: _garble_packets(media / "r1.webm", 20, 40))
+    loader = build_loader(data, "train", batch_size, backend="dali", num_workers=1, train=False, device=device)
+    pyav = build_loader(data, "train", batch_size, backend="pyav", num_workers=0, train=False)
+    got_d, got_p = [b["index"].tolist() for b in loader], [b["index"].tolist() for b in pyav]
+    assert got_d == got_p and all(len(set(b)) == len(b) for b in got_d)
+    assert 1 not in sum(got_d, []) and len(sum(got_d, [])) == 6
+    assert loader.bad_data == pyav.bad_data == {"truncated": 1}
+    loader.close()
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_a_file_only_dali_cannot_decode_is_found_clip_by_clip(bad_dir, tmp_path, device, caplog,  # noqa: F811
+                                                               batch_size):
+    """DALI decodes a short audio file whole; damage outside the window breaks DALI's batch but
+    not the PyAV reference (which decodes the window). Running the batch's clips through DALI
+    one by one finds the file; it is counted as unreadable and replaced, and the run goes on."""
+    data = _corrupt_copy(bad_dir, tmp_path, lambda media: _garble_flac_middle(media / "r4.flac"))
+    pyav = build_loader(data, "train", batch_size, backend="pyav", num_workers=0, train=False)
+    assert sum([b["index"].tolist() for b in pyav], []) == list(range(6)) and pyav.bad_data == {}
+    loader = build_loader(data, "train", batch_size, backend="dali", num_workers=1, train=False, device=device)
+    with caplog.at_level(logging.WARNING, logger="vatt_fast.data"):
+        got = [b["index"].tolist() for b in loader]
+    assert all(len(set(b)) == len(b) for b in got) and 4 not in sum(got, []) and len(sum(got, [])) == 6
+    assert loader.bad_data == {"unreadable": 1}
+    (message,) = [r.getMessage() for r in caplog.records]
+    assert "r4.flac" in message and "decoders.audio" in message
+    loader.close()
+
+
+def test_clips_away_from_corrupt_packets_are_kept_like_pyav(bad_dir, tmp_path, device):  # noqa: F811
+    """Garbage packets at the end of a video break DALI only on windows that reach them; after
+    the first failure the record's clips are checked with the PyAV reference before they are
+    fed, so DALI keeps the clips PyAV keeps (the whole record is not thrown away)."""
+    data = _corrupt_copy(bad_dir, tmp_path, lambda media: _garble_packets(media / "r1.webm", 45, 60))
+    pyav = build_loader(data, "train", 2, backend="pyav", num_workers=0, seed=1)
+    dali = build_loader(data, "train", 2, backend="dali", num_workers=1, seed=1, device=device)
+    rejected_at, kept_after = None, False
+    for k, (bp, bd) in enumerate(zip(_take(pyav, 12), _take(dali, 12))):
+        assert torch.equal(bd["index"].cpu(), bp["index"]), k
+        if rejected_at is None and pyav.bad_data:
+            rejected_at = k
+        kept_after |= rejected_at is not None and k > rejected_at and 1 in bp["index"].tolist()
+    assert kept_after  # the case this test is about: a clip of r1 kept after one was rejected
+    assert dali.bad_data == pyav.bad_data
+    dali.close()
+
+
+def test_resume_is_exact_after_dali_finds_a_broken_record(bad_dir, tmp_path, device):  # noqa: F811
+    """Records DALI failed on are part of the loader state: a run resumed after DALI found one
+    rejects the same clips as the run that found it (DALI decodes some clips of that video)."""
+    import json
+
+    data = _corrupt_copy(bad_dir, tmp_path, lambda media: _garble_packets(media / "r1.webm", 20, 40))
+    kw = dict(backend="dali", num_workers=1, seed=1, device=device)
+    full = build_loader(data, "train", 2, **kw)
+    ref = _take(full, 12)
+    part = build_loader(data, "train", 2, **kw)
+    first = _take(part, 6)
+    assert part.bad_data  # the broken video was met before the checkpoint: the case this test is about
+    state = json.loads(json.dumps(part.state_dict()))
+    part.close()
+    resumed = build_loader(data, "train", 2, **kw)
+    resumed.load_state_dict(state)
+    for a, b in zip(first + _take(resumed, 6), ref):
+        assert torch.equal(a["index"], b["index"]) and torch.equal(a["video"], b["video"])
+    assert resumed.bad_data == full.bad_data
+    full.close()
+    resumed.close()
+
+
+# --- every kind of broken file: the same verdicts, replacements and counts as PyAV ------------
+def test_broken_files_are_replaced_and_counted_like_pyav(zoo_dir, device):  # noqa: F811
+    recs = read_manifest(zoo_dir)
+    dali = build_loader(zoo_dir, "train", 1, backend="dali", num_workers=2, train=False, device=device)
+    pyav = build_loader(zoo_dir, "train", 1, backend="pyav", num_workers=0, train=False)
+    got_d, got_p = list(dali), list(pyav)
+    assert [int(b["index"]) for b in got_d] == [int(b["index"]) for b in got_p]
+    assert dali.bad_data == pyav.bad_data == dict(Counter(k for k in ZOO.values() if k))
+    # valid but unusual files (audio at 7350 / 11025 / 44099 Hz, 3 and 6 channels; 33x17 frames)
+    # decode in both backends within the stated parity
+    unusual = {r.id for r in recs if r.id in ZOO and ZOO[r.id] is None}
+    checked = set()
+    for bd, bp in zip(got_d, got_p):
+        rec = recs[int(bp["index"])]
+        if rec.id not in unusual:
+            continue
+        checked.add(rec.id)
+        mad = (bd["video"].cpu().float() - bp["video"].float()).abs().mean().item()
+        assert mad < VIDEO_MAD, (rec.id, mad)
+        assert _corr(bd["audio"][0].cpu().numpy(), bp["audio"][0].numpy()) > AUDIO_CORR, rec.id
+    assert checked == unusual
+    dali.close()
+
+
+def test_train_batches_over_broken_files_match_pyav(zoo_dir, device):  # noqa: F811
+    dali = build_loader(zoo_dir, "train", 4, backend="dali", num_workers=2, seed=3, device=device)
+    pyav = build_loader(zoo_dir, "train", 4, backend="pyav", num_workers=0, seed=3)
+    n = 2 * len(pyav)
+    got_d, got_p = [b["index"].tolist() for b in _take(dali, n)], [b["index"].tolist() for b in _take(pyav, n)]
+    assert got_d == got_p and all(len(set(b)) == len(b) for b in got_d)
+    assert dali.bad_data == pyav.bad_data and sum(dali.bad_data.values()) > 0
+    dali.close()
+
+
+def test_a_dataset_without_good_records_left_is_an_error(synthetic_dir, monkeypatch):  # noqa: F811
+    """When no record can fill a slot, the loader says so, even with batches in flight (it is
+    not a decoding failure for the recovery to chase)."""
+    loader = build_loader(synthetic_dir, "train", 2, backend="dali", num_workers=1, train=False, device="cpu")
+    real, calls = loader._attempt, []
+
+    def attempt(epoch, i):  # the first two batches are fine, then every record fails
+        calls.append(i)
+        return real(epoch, i) if len(calls) <= 4 else (None, ("unreadable", f"record {i} is gone"))
+
+    monkeypatch.setattr(loader, "_attempt", attempt)
+    with pytest.raises(TooMuchBadData, match="records tried in its place could not be decoded.*record 4 is gone"):
+        list(loader)
+    loader.close()
 
 
 def test_h264_on_the_cpu_pipeline_is_an_error_that_says_what_to_do(synthetic_dir, tmp_path):  # noqa: F811

@@ -4,15 +4,25 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
+from collections import Counter
 
 import numpy as np
 import pytest
 import torch
-from data_fixtures import bad_dir, synthetic_dir  # noqa: F401  (session fixtures)
 
+from data_fixtures import (  # noqa: F401  (session fixtures)
+    ZOO,
+    ZOO_AUDIO,
+    ZOO_GOOD_COPIES,
+    bad_dir,
+    synthetic_dir,
+    zoo_dir,
+    zoo_tone,
+)
 from vatt_fast.data import build_loader, read_manifest
 from vatt_fast.data.loader import resolve_backend
-from vatt_fast.data.pyav_loader import decode_with_pyav
+from vatt_fast.data.pyav_loader import decode_audio_pyav, decode_with_pyav, probe_media
 from vatt_fast.data.sampler import ClipSampler, ClipSpec
 from vatt_fast.data.vocab import Vocabulary
 from vatt_fast.models.config import get_config
@@ -176,12 +186,19 @@ def test_bad_data_is_replaced_and_counted(bad_dir):  # noqa: F811
     assert no_caps["video"].float().std() > 5
 
 
-def test_bad_data_counts_survive_resume_and_workers(bad_dir):  # noqa: F811
-    loader = build_loader(bad_dir, "train", 2, backend="pyav", num_workers=2, train=False)
-    list(loader)
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_replacements_are_distinct_within_a_batch(bad_dir, num_workers):  # noqa: F811
+    """Records: good, unreadable, truncated, missing_audio, short, no_captions. A bad record is
+    replaced by the next one that is not in its batch (a duplicate would be a false negative
+    for the contrastive loss), whichever worker builds the batch."""
+    loader = build_loader(bad_dir, "train", 2, backend="pyav", num_workers=num_workers, train=False)
+    got = [b["index"].tolist() for b in loader]
     counts = loader.bad_data
     loader.close()
-    assert counts["missing_audio"] == 3 and counts["bad_manifest_line"] == 1
+    # [0, 1]: 1 -> 2 (bad), 3 (bad), 4.  [2, 3]: 2 -> 3 (in the batch, skipped), 4; 3 -> 4 (taken), 5.
+    assert got == [[0, 4], [4, 5], [4, 5]]
+    assert counts == {"bad_manifest_line": 1, "unreadable": 1, "truncated": 2, "missing_audio": 2, "short": 3,
+                      "no_captions": 2}
     fresh = build_loader(bad_dir, "train", 2, backend="pyav", num_workers=0, train=False)
     fresh.load_state_dict({"epoch": 0, "batch": 0, "bad_data": {"truncated": 5}})
     assert fresh.bad_data == {"truncated": 5}
@@ -194,8 +211,171 @@ def test_everything_bad_is_an_error(bad_dir, tmp_path):  # noqa: F811
     (tmp_path / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp_path / "vocab.txt").write_text((bad_dir / "vocab.txt").read_text())
     loader = build_loader(tmp_path, "train", 1, backend="pyav", num_workers=0, train=False)
-    with pytest.raises(RuntimeError, match="2 consecutive records from index 0 could not be decoded"):
+    with pytest.raises(RuntimeError, match=r"record 0 and the 1 records tried in its place could not be decoded"):
         next(iter(loader))
+
+
+# --- every kind of broken file (the zoo: each broken record sits between two valid ones) ----
+def test_probe_names_each_broken_file(zoo_dir):  # noqa: F811
+    recs = read_manifest(zoo_dir)
+    assert {r.id for r in recs} == set(ZOO) | {f"good_{k}" for k in range(ZOO_GOOD_COPIES)}
+    for r in recs:
+        info = probe_media(r, 10.0)
+        assert info.kind == ZOO.get(r.id), (r.id, info.message)
+        assert info.kind is None or (r.video in info.message or r.audio in info.message), info.message
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_broken_files_are_replaced_by_the_next_record_and_counted(zoo_dir, num_workers, caplog):  # noqa: F811
+    recs = read_manifest(zoo_dir)
+    kinds = [ZOO.get(r.id) for r in recs]
+    loader = build_loader(zoo_dir, "train", 1, backend="pyav", num_workers=num_workers, train=False)
+    with caplog.at_level(logging.WARNING, logger="vatt_fast.data"):
+        got = [int(b["index"]) for b in loader]
+    loader.close()
+    assert got == [i + 1 if kinds[i] else i for i in range(len(recs))]
+    expected = Counter(k for k in kinds if k)
+    assert loader.bad_data == dict(expected)
+    # one log line per kind, naming a file, however many records of the kind
+    logged = [r.getMessage() for r in caplog.records if r.name == "vatt_fast.data"]
+    assert sorted(m.split(":")[0] for m in logged) == sorted(f"bad data, {k}" for k in expected)
+    assert all(str(zoo_dir) in m for m in logged)
+
+
+def test_unusual_rates_and_channels_are_resampled_and_mixed_down(zoo_dir):  # noqa: F811
+    """Valid audio at 7350 / 11025 / 44099 Hz, 3 and 6 channels: mixed down and resampled to the
+    model rate (checked against the analytic tone) for windows all over the file, including
+    windows where FFmpeg's FLAC demuxer cannot seek (7350 Hz, from 4.5 s on: decoded from the start)."""
+    import dataclasses
+
+    spec = ClipSpec.from_preset("tiny")
+    sampler = ClipSampler(spec, Vocabulary.load(zoo_dir), train=False)
+    recs = [r for r in read_manifest(zoo_dir) if r.id in ZOO_AUDIO]
+    assert len(recs) == len(ZOO_AUDIO)
+    for rec in recs:
+        centred = sampler.plan(rec, 0)
+        for f0 in range(0, sampler.num_frames_of(rec) - spec.num_frames + 1, 4):
+            plan = dataclasses.replace(centred, frame_indices=list(range(f0, f0 + spec.num_frames)),
+                                       start_time=f0 / spec.fps, audio_start=f0 / spec.fps)
+            audio = decode_audio_pyav(plan, spec)
+            t = plan.audio_start + np.arange(spec.audio_samples) / spec.audio_sample_rate
+            inner = (t > 0.005) & (t < rec.duration - 0.005)  # the resampling filter's reach at the file ends
+            np.testing.assert_allclose(audio[inner], zoo_tone(t[inner], ZOO_AUDIO[rec.id][1]), atol=5e-3,
+                                       err_msg=f"{rec.id} at {plan.audio_start:.1f} s")
+
+
+def test_odd_frame_sizes_keep_their_colours(zoo_dir):  # noqa: F811
+    """A 33x17 video (odd sides) against an independent resize: the frames converted to RGB at
+    their own size, then resized with torch's antialiased bilinear filter (swscale's one-pass
+    YUV -> RGB + resize is off by ~3 grey levels on odd sizes)."""
+    import av
+
+    (rec,) = [r for r in read_manifest(zoo_dir) if r.id == "video_33x17"]
+    spec = ClipSpec.from_preset("tiny")
+    plan = ClipSampler(spec, Vocabulary.load(zoo_dir), train=False).plan(rec, 0)
+    video, _ = decode_with_pyav(plan, spec)
+    with av.open(rec.video) as c:
+        frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+    full = torch.from_numpy(np.stack([frames[k] for k in plan.frame_indices])).permute(0, 3, 1, 2).float()
+    y, x, size = plan.crop
+    ref = torch.nn.functional.interpolate(full, size=plan.resized, mode="bilinear", antialias=True)
+    ref = ref[:, :, y : y + size, x : x + size].permute(0, 2, 3, 1)
+    assert (torch.from_numpy(video).float() - ref).abs().mean() < 1.0
+
+
+class _NoSeek:
+    """A PyAV container whose demuxer cannot seek anywhere but to the start."""
+
+    def __init__(self, container):
+        self._c = container
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return self._c.__exit__(*exc)
+
+    def __getattr__(self, name):
+        return getattr(self._c, name)
+
+    def seek(self, offset, **kw):
+        if offset:
+            raise PermissionError(1, "Operation not permitted")
+        return self._c.seek(offset, **kw)
+
+
+def test_a_failed_seek_decodes_from_the_start(synthetic_dir, monkeypatch):  # noqa: F811
+    import av
+
+    rec = read_manifest(synthetic_dir, split="val")[0]
+    spec = ClipSpec.from_preset("tiny")
+    plan = ClipSampler(spec, Vocabulary.load(synthetic_dir), train=False).plan(rec, 0)
+    assert plan.frame_indices[0] > 0 and plan.audio_start > 0
+    video, audio = decode_with_pyav(plan, spec)
+    real_open = av.open
+    monkeypatch.setattr(av, "open", lambda *a, **kw: _NoSeek(real_open(*a, **kw)))
+    video2, audio2 = decode_with_pyav(plan, spec)
+    assert np.array_equal(video, video2) and np.array_equal(audio, audio2)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_train_batches_over_broken_files_are_distinct_and_deterministic(zoo_dir, num_workers):  # noqa: F811
+    recs = read_manifest(zoo_dir)
+    bad = {i for i, r in enumerate(recs) if ZOO.get(r.id)}
+    loader = build_loader(zoo_dir, "train", 4, backend="pyav", num_workers=num_workers, seed=3)
+    nb = len(loader)
+    batches = _take(loader, 2 * nb)
+    loader.close()
+    reference = build_loader(zoo_dir, "train", 4, backend="pyav", num_workers=0, seed=3)
+    for p, q in zip(batches, _take(reference, 2 * nb)):
+        _same(p, q)
+    scheduled_bad = 0
+    for k, b in enumerate(batches):
+        idx = b["index"].tolist()
+        assert len(set(idx)) == len(idx) and not set(idx) & bad, idx
+        scheduled_bad += len(set(loader.schedule.batch(k // nb, k % nb).tolist()) & bad)
+    assert sum(loader.bad_data.values()) >= scheduled_bad > 0
+
+
+def test_replacements_are_distinct_across_ranks(zoo_dir):  # noqa: F811
+    """The contrastive loss gathers every rank's clips: a replacement must not be in another
+    rank's batch of the same step, nor another rank's replacement."""
+    recs = read_manifest(zoo_dir)
+    bad = {i for i, r in enumerate(recs) if ZOO.get(r.id)}
+    world = 3
+    loaders = [build_loader(zoo_dir, "train", 3, backend="pyav", num_workers=0, seed=5, rank=r, world_size=world)
+               for r in range(world)]
+    steps = 2 * len(loaders[0])
+    per_rank = [_take(loader, steps) for loader in loaders]
+    replaced = 0
+    for k in range(steps):
+        idx = [i for r in range(world) for i in per_rank[r][k]["index"].tolist()]
+        assert len(set(idx)) == len(idx) and not set(idx) & bad, (k, idx)
+        replaced += len(set(loaders[0].schedule.global_batch(k // len(loaders[0]), k % len(loaders[0])).tolist()) & bad)
+    assert replaced > 0
+
+
+def test_unexpected_errors_count_under_their_type_and_are_logged_once(bad_dir, monkeypatch, caplog):  # noqa: F811
+    """A bug while decoding one record is not bad data in disguise: it is counted under its
+    exception type and logged with the file and the traceback; the run goes on."""
+    import vatt_fast.data.pyav_loader as pl
+
+    real = pl.decode_with_pyav
+
+    def buggy(plan, spec):
+        if plan.video.endswith("no_captions.webm"):
+            return 1 / 0
+        return real(plan, spec)
+
+    monkeypatch.setattr(pl, "decode_with_pyav", buggy)
+    loader = build_loader(bad_dir, "train", 1, backend="pyav", num_workers=0, train=False)
+    with caplog.at_level(logging.WARNING, logger="vatt_fast.data"):
+        got = [int(b["index"]) for b in loader]
+        list(loader)  # a second pass: counted again, not logged again
+    assert got[-1] == 0 and loader.bad_data["error:ZeroDivisionError"] == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and "no_captions.webm" in errors[0] and "ZeroDivisionError" in errors[0]
+    assert "Traceback" in errors[0]
 
 
 def test_build_loader_errors_name_the_problem(synthetic_dir, tmp_path):  # noqa: F811

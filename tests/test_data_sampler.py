@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from data_fixtures import NUMBER_WORDS, timed_audio, timed_dir, timed_level  # noqa: F401
+from vatt_fast.data.base import DUPLICATE, fill_batch
 from vatt_fast.data.manifest import Caption, VideoRecord, read_manifest
 from vatt_fast.data.pyav_loader import decode_with_pyav, resample_audio
 from vatt_fast.data.sampler import ClipSampler, ClipSpec, ShardedSchedule, resized_size, select_captions
@@ -138,6 +139,73 @@ def test_schedule_shards_are_disjoint_and_cover(n, world, batch):
     assert sorted(a.tolist()) == sorted(b.tolist()) == list(range(n)) and a.tolist() != b.tolist()
 
 
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_global_batch_is_every_ranks_batch_of_the_step(train, world):
+    n, batch = 23, 3
+    ranks = [ShardedSchedule(n, batch, train=train, seed=4, rank=r, world_size=world) for r in range(world)]
+    for epoch in range(2):
+        for b in range(ranks[0].batches_per_epoch):
+            expected = [i for s in ranks if b < s.batches_per_epoch for i in s.batch(epoch, b).tolist()]
+            for s in ranks:
+                assert sorted(s.global_batch(epoch, b).tolist()) == sorted(expected)
+
+
+def _fill(indices, bad, n, **kw):
+    """fill_batch with records in ``bad`` failing; returns (chosen records, problem kinds)."""
+    results, problems = fill_batch(
+        indices, lambda i: (None, ("unreadable", f"r{i}")) if i in bad else (i, None), num_records=n,
+        step_records=kw.pop("step", lambda: indices), **kw)
+    return results, [k for k, _ in problems]
+
+
+def test_a_bad_record_is_replaced_by_the_next_one_outside_the_step():
+    # 1 -> 2, 3 are in the batch, 4; 2 -> 3 in the batch, 4 taken by 1's replacement, 5
+    assert _fill([0, 1, 2, 3], {1, 2}, 10) == ([0, 4, 5, 3], ["unreadable", "unreadable"])
+    # a replacement that fails counts too, and the next one is tried
+    assert _fill([0, 1, 2, 3], {1, 4}, 10) == ([0, 5, 2, 3], ["unreadable", "unreadable"])
+    # cyclic: after the last record comes the first
+    assert _fill([8, 9], {9}, 10)[0] == [8, 0]
+    # other ranks' records of the step are excluded too, and rank r only takes records j % world == r
+    got, _ = _fill([3], {3}, 12, step=lambda: [3, 4, 5, 7], rank=1, world_size=2)
+    assert got == [9]
+    got, _ = _fill([3], {3}, 12, step=lambda: [3, 4, 5, 7], rank=0, world_size=2)
+    assert got == [6]
+
+
+def test_random_bad_sets_give_distinct_clips_that_follow_the_rule():
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        n, world = int(rng.integers(12, 40)), int(rng.integers(1, 4))
+        rank = int(rng.integers(0, world))
+        step = rng.choice(n, size=min(n // 2, 3 * world), replace=False).tolist()
+        mine = step[rank::world]
+        bad = set(rng.choice(n, size=n // 4, replace=False).tolist())
+        got, kinds = _fill(mine, bad, n, step=lambda step=step: step, rank=rank, world_size=world)
+        assert len(set(got)) == len(got) and not set(got) & bad
+        if DUPLICATE in kinds:
+            continue
+        assert not set(got) & (set(step) - set(mine))  # no other rank's record
+        taken = set(step)
+        for i, j in zip(mine, got):
+            if i == j:
+                continue
+            # j is the first record after i (cyclically) of this rank's class that is good and not taken
+            ring = [(i + d) % n for d in range(1, n)]
+            first = next(c for c in ring if c % world == rank and c not in taken and c not in bad)
+            assert j == first and j % world == rank
+            taken.add(j)
+
+
+def test_no_distinct_record_left_gives_a_counted_duplicate_and_all_bad_is_an_error():
+    got, kinds = _fill([0, 1, 2, 3], {1}, 4)
+    assert got == [0, 2, 2, 3] and kinds == ["unreadable", DUPLICATE]
+    with pytest.raises(RuntimeError, match=r"record 1 and the 3 records tried in its place could not be decoded"):
+        _fill([1], set(range(4)), 4)
+    with pytest.raises(RuntimeError, match=r"record 0 and the 4 records tried"):
+        _fill([0], set(range(10)), 10, limit=5)
+
+
 def test_schedule_errors_name_the_values():
     with pytest.raises(ValueError, match="fewer than one batch of 8"):
         ShardedSchedule(10, 8, train=True, world_size=2, drop_last=True)
@@ -148,7 +216,10 @@ def test_schedule_errors_name_the_values():
         s.check_identity({**s.identity(), "batch_size": 3})
 
 
-@pytest.mark.parametrize("orig,new", [(48_000, 8_000), (48_000, 16_000), (44_100, 8_000), (8_000, 11_025)])
+# 7350 and 44099 Hz: rates a file may have that the reduced polyphase table handles badly
+# (44099 is coprime with 8000: an 8000 x 44167 table, 1.4 GB, before the per-sample path)
+@pytest.mark.parametrize("orig,new", [(48_000, 8_000), (48_000, 16_000), (44_100, 8_000), (8_000, 11_025),
+                                      (7_350, 8_000), (44_099, 8_000), (8_000, 44_099)])
 def test_resample_matches_band_limited_signal(orig, new):
     rng = np.random.default_rng()
     # Inside the pass band: the windowed-sinc filter (rolloff 0.99) attenuates from ~0.4 of the rate on.
@@ -163,6 +234,38 @@ def test_resample_matches_band_limited_signal(orig, new):
     t = np.arange(y.shape[0]) / new
     inner = (t > 0.01) & (t < n / orig - 0.01)
     assert np.abs(y[inner] - signal(t[inner])).max() < 0.02
+
+
+def test_per_sample_taps_equal_the_polyphase_table(monkeypatch):
+    """Rate pairs with a large polyphase table compute the same taps per output sample."""
+    import vatt_fast.data.pyav_loader as pl
+
+    x = np.random.default_rng(0).standard_normal(5001).astype(np.float32)
+    for orig, new in ((48_000, 8_000), (11_025, 8_000), (8_000, 22_050)):
+        table = resample_audio(x, orig, new)
+        monkeypatch.setattr(pl, "_MAX_POLYPHASE", 0)
+        direct = resample_audio(x, orig, new)
+        monkeypatch.undo()
+        assert direct.shape == table.shape and direct.dtype == np.float32
+        np.testing.assert_allclose(direct, table, atol=2e-6)
+
+
+def test_resampling_a_coprime_rate_stays_small():
+    import tracemalloc
+
+    x = np.zeros(44_099, np.float32)  # one second
+    tracemalloc.start()
+    try:
+        y = resample_audio(x, 44_099, 8_000)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert y.shape == (8_000,) and peak < 64 * 2**20, peak
+
+
+def test_bad_sample_rates_are_errors():
+    with pytest.raises(ValueError, match="sample rates must be positive"):
+        resample_audio(np.zeros(10, np.float32), 0, 8_000)
 
 
 # --- time alignment on decoded clips --------------------------------------------------

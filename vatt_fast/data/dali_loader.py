@@ -22,15 +22,17 @@ so both backends give the same clips for the same seed:
 Outputs are copied out of DALI's buffers (which DALI reuses at the next iteration) into fresh
 torch tensors with ``feed_ndarray``: device to device on the GPU, no host round trip.
 
-Bad data: before a record is fed, a probe (once per record, in ``num_workers`` threads for a
-batch's new records) checks that the video opens, has a video stream and enough packets for
-the window (DALI pads missing frames with black silently), and that the audio file exists
-and covers the window. A failing record is replaced by the next
-one (``index + 1`` ..., as the PyAV backend does) and counted under ``unreadable``,
-``truncated`` or ``missing_audio``; clips kept but padded count as ``short`` / ``no_captions``.
-Should DALI still fail (corrupt packets inside a file), the records of the batches in flight
-are checked with the PyAV reference decoder, the broken ones are marked, the pipeline is rebuilt
-and the batch is produced again.
+Bad data: before a record is fed, :func:`~vatt_fast.data.pyav_loader.probe_media` (the PyAV
+backend's probe, once per record, in ``num_workers`` threads for a batch's new records) checks
+its headers: the video opens, has frames of the manifest's size on the constant fps grid and
+enough of them for the window (DALI pads missing frames with black silently); the audio opens
+with libsndfile (DALI's decoder), has a valid rate and channel count, holds the samples its
+header declares and covers the window. A failing record is replaced by a record outside the
+optimizer step (:func:`~vatt_fast.data.base.fill_batch`, as the PyAV backend does) and counted
+under its kind; clips kept but padded count as ``short`` / ``no_captions``. Should DALI still
+fail (corrupt packets inside a file), the records of the batches in flight are checked with the
+PyAV reference decoder and, when it finds nothing, one by one through DALI itself; the broken
+ones are marked, the pipeline is rebuilt and the batches are produced again.
 
 Audio cost: DALI's audio decoder has no seek, so files longer than ``WHOLE_FILE_AUDIO_SECONDS``
 (30 s; HowTo100M videos last minutes) are cut to the clip's window (plus a filter margin) with
@@ -43,16 +45,28 @@ from __future__ import annotations
 import math
 import os
 import weakref
-from collections import Counter, deque
-from dataclasses import dataclass
-from typing import Any, Deque, Dict, Iterator, List, Optional, Sequence, Tuple
+from collections import deque
+from typing import Any, Deque, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 import torch
 
-from vatt_fast.data.base import ClipLoaderBase
+from vatt_fast.data.base import (
+    ClipLoaderBase,
+    Problem,
+    TooMuchBadData,
+    fill_batch,
+    kept_problems,
+    summarize_problems,
+)
 from vatt_fast.data.manifest import VideoRecord
-from vatt_fast.data.pyav_loader import MAX_REPLACEMENTS, BadSample, decode_with_pyav
+from vatt_fast.data.pyav_loader import (
+    MediaInfo,
+    classify_error,
+    decode_with_pyav,
+    probe_media,
+    window_problem,
+)
 from vatt_fast.data.sampler import ClipPlan, ClipSpec
 from vatt_fast.data.vocab import Vocabulary
 
@@ -65,66 +79,10 @@ GPU_CODECS = ("vp8", "vp9", "mjpeg", "h264", "hevc", "av1", "mpeg4")
 WHOLE_FILE_AUDIO_SECONDS = 30.0
 # Extra audio on each side of a cut window: covers DALI's resampling filter (16 lobes at quality 50).
 _AUDIO_MARGIN_SECONDS = 0.05
-# Same rule as the PyAV backend: a file is truncated when < 95% of the window's audio exists.
-_AUDIO_MIN_COVERAGE = 0.95
-
-
-@dataclass
-class _MediaInfo:
-    """What the probe learnt about one record's files (cached per record)."""
-
-    kind: Optional[str]  # None = usable, else the bad-data kind
-    message: str = ""
-    num_frames: int = 0  # video packets (= frames for the stored layout)
-    codec: str = ""
-    audio_seconds: float = 0.0
-    audio_rate: int = 0
-
-
-def _probe(record: VideoRecord) -> _MediaInfo:
-    """Open the record's files without decoding: stream, codec, packet count, audio length."""
-    import av
-    import soundfile as sf
-
-    if not os.path.isfile(record.video):
-        return _MediaInfo("unreadable", f"video file {record.video} does not exist")
-    try:
-        with av.open(record.video) as c:
-            if not c.streams.video:
-                return _MediaInfo("unreadable", f"{record.video} has no video stream")
-            stream = c.streams.video[0]
-            codec = stream.codec_context.name
-            n = sum(1 for p in c.demux(stream) if p.size)
-    except (av.FFmpegError, OSError) as e:
-        return _MediaInfo("unreadable", f"cannot read video {record.video}: {e}")
-    if not os.path.isfile(record.audio):
-        return _MediaInfo("missing_audio", f"audio file {record.audio} does not exist")
-    try:
-        info = sf.info(record.audio)
-    except (RuntimeError, OSError) as e:  # soundfile raises LibsndfileError (a RuntimeError)
-        return _MediaInfo("unreadable", f"cannot read audio {record.audio}: {e}")
-    return _MediaInfo(None, num_frames=n, codec=codec, audio_seconds=info.frames / max(1, info.samplerate),
-                      audio_rate=int(info.samplerate))
-
-
-def _window_problem(plan: ClipPlan, spec: ClipSpec, info: _MediaInfo) -> Optional[Tuple[str, str]]:
-    """(kind, message) when the probed files cannot give this plan's clip, else None."""
-    last = max(plan.frame_indices)
-    if last >= info.num_frames:
-        return "truncated", (f"{plan.video}: frame {last} of the window is past the {info.num_frames} frames in "
-                             f"the file (file shorter than its manifest duration?)")
-    span_a = plan.audio_start
-    span_b = min(plan.audio_start + plan.audio_length, (last + 1) / spec.fps)
-    if span_b > span_a:
-        covered = max(0.0, min(info.audio_seconds, span_b) - span_a) / (span_b - span_a)
-        if covered < _AUDIO_MIN_COVERAGE:
-            return "truncated", (f"{plan.audio}: only {covered:.0%} of the audio in "
-                                 f"[{span_a:.2f}, {span_b:.2f}) s is present")
-    return None
 
 
 def build_clip_pipeline(source: Any, spec: ClipSpec, batch_size: int, *, gpu: bool, device_id: Optional[int],
-                        num_threads: int, prefetch: int, seed: int):
+                        num_threads: int, prefetch: int, seed: int, **pipeline_kw: Any):
     """The DALI pipeline that turns fed bytes + plan parameters into clips.
 
     ``source`` returns, per batch, six lists (one entry per sample): encoded video bytes
@@ -134,14 +92,15 @@ def build_clip_pipeline(source: Any, spec: ClipSpec, batch_size: int, *, gpu: bo
 
     Returns:
         A built pipeline with outputs video uint8 ``[T, size, size, 3]`` and audio float32
-        ``[audio_samples]`` per sample (on the GPU when ``gpu``).
+        ``[audio_samples]`` per sample (on the GPU when ``gpu``). ``pipeline_kw`` go to
+        ``pipeline_def`` (e.g. ``exec_pipelined=False``).
     """
     from nvidia.dali import fn, pipeline_def, types
 
     size = spec.frame_size
 
     @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id,
-                  prefetch_queue_depth=prefetch, seed=seed)
+                  prefetch_queue_depth=prefetch, seed=seed, **pipeline_kw)
     def clip_pipeline():
         video_bytes, frames, roi_start, roi_end, audio_bytes, audio_start = fn.external_source(
             source=source, num_outputs=6, batch=True)
@@ -176,6 +135,14 @@ def _orphan_pipelines_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_orphan_pipelines_in_child)
+
+
+def _dali_error_summary(error: Exception) -> str:
+    """The operator and the cause from a DALI pipeline error (which also holds a Python traceback)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    operator = next((line for line in lines if line.startswith("Error in")), "")
+    cause = next((lines[i + 1] for i, line in enumerate(lines[:-1]) if line == "encountered:"), "")
+    return " ".join(part for part in (operator, cause) if part) or (lines[0] if lines else repr(error))
 
 
 class DALILoader(ClipLoaderBase):
@@ -234,8 +201,12 @@ class DALILoader(ClipLoaderBase):
         self.num_threads = max(1, int(num_workers))
         self.pin_memory = bool(pin_memory)
         self.prefetch = max(1, int(prefetch_factor))
-        self._media: Dict[int, _MediaInfo] = {}
-        self._broken: Dict[int, Tuple[str, str]] = {}  # records DALI failed on, found by the reference decoder
+        self._media: Dict[int, MediaInfo] = {}
+        # Found by _recover: records DALI cannot decode (the PyAV reference can), rejected for every
+        # clip; and records whose clip failed the PyAV reference, whose clips are checked with it
+        # before they are fed. Both are part of the state, so a resumed run feeds the same clips.
+        self._broken: Dict[int, Problem] = {}
+        self._suspects: Set[int] = set()
         self._pipe: Any = None
         self._probe_pool: Any = None
         self._pending: Deque[Dict[str, Any]] = deque()
@@ -254,19 +225,15 @@ class DALILoader(ClipLoaderBase):
         return self._generate()
 
     # --- feeding -------------------------------------------------------------------
-    def _media_info(self, i: int) -> _MediaInfo:
-        info = self._media.get(i)
-        if info is None:
-            info = self._media[i] = _probe(self.records[i])
-        if info.kind is None:
-            allowed = GPU_CODECS if self.gpu else CPU_CODECS
-            if info.codec not in allowed:
-                raise ValueError(
-                    f"{self.records[i].video} is {info.codec}, which DALI's "
-                    f"{'GPU' if self.gpu else 'CPU'} decoder cannot read (it reads {', '.join(allowed)}); "
-                    f"prepare the dataset with --codec vp9, run on a GPU, or use backend='pyav'"
-                )
-        return info
+    def _check_codec(self, i: int, info: MediaInfo) -> None:
+        """Raise when DALI cannot decode the record's codec here: a set-up error, not bad data."""
+        allowed = GPU_CODECS if self.gpu else CPU_CODECS
+        if info.kind is None and info.codec not in allowed:
+            raise ValueError(
+                f"{self.records[i].video} is {info.codec}, which DALI's "
+                f"{'GPU' if self.gpu else 'CPU'} decoder cannot read (it reads {', '.join(allowed)}); "
+                f"prepare the dataset with --codec vp9, run on a GPU, or use backend='pyav'"
+            )
 
     def _probe_ahead(self, indices: np.ndarray) -> None:
         """Probe the batch's records not seen yet, in parallel (the first epoch's cost)."""
@@ -277,41 +244,63 @@ class DALILoader(ClipLoaderBase):
             from concurrent.futures import ThreadPoolExecutor
 
             self._probe_pool = ThreadPoolExecutor(self.num_threads, thread_name_prefix="dali-probe")
-        for i, info in zip(todo, self._probe_pool.map(lambda j: _probe(self.records[j]), todo)):
-            self._media[i] = info
+        fps = self.spec.fps
 
-    def _sample(self, epoch: int, index: int) -> Tuple[ClipPlan, List[str]]:
-        """The plan for ``index`` (or its replacement) and the bad-data kinds met on the way."""
-        n = len(self.records)
-        bad: List[str] = []
-        errors: List[str] = []
-        for j in range(min(n, MAX_REPLACEMENTS)):
-            i = (int(index) + j) % n
-            problem: Optional[Tuple[str, str]] = self._broken.get(i)
-            plan = None
-            if problem is None:
-                info = self._media_info(i)
-                if info.kind is not None:
-                    problem = (info.kind, info.message)
-                else:
-                    try:
-                        plan = self.sampler.plan(self.records[i], i, epoch)
-                    except (OSError, ValueError) as e:  # header probe for the frame size
-                        problem = ("unreadable", f"{self.records[i].video}: {e}")
-                    else:
-                        problem = _window_problem(plan, self.spec, info)
+        def probe(j: int) -> Optional[MediaInfo]:
+            try:
+                return probe_media(self.records[j], fps)
+            except Exception:  # probed again in _attempt, which counts the error
+                return None
+
+        for i, info in zip(todo, self._probe_pool.map(probe, todo)):
+            if info is not None:
+                self._media[i] = info
+
+    def _attempt(self, epoch: int, i: int) -> Tuple[Any, Optional[Problem]]:
+        """((plan, DALI inputs), None) for record ``i``, or (None, (kind, message))."""
+        problem = self._broken.get(i)
+        if problem is not None:
+            return None, problem
+        record = self.records[i]
+        info = self._media.get(i)
+        if info is None:
+            try:
+                info = self._media[i] = probe_media(record, self.spec.fps)
+            except Exception as e:  # an unexpected failure: classify_error counts it under its type
+                return None, classify_error(e, record)
+        if info.kind is not None:
+            return None, (info.kind, info.message)
+        self._check_codec(i, info)
+        try:
+            plan = self.sampler.plan(record, i, epoch)
+            problem = window_problem(plan, self.spec, info)
             if problem is not None:
-                bad.append(problem[0])
-                errors.append(f"{problem[0]}: {problem[1]}")
-                continue
-            if plan.short:
-                bad.append("short")
-            if not plan.text_mask.any():
-                bad.append("no_captions")
-            return plan, bad
-        raise RuntimeError(
-            f"{min(n, MAX_REPLACEMENTS)} consecutive records from index {index} could not be decoded; "
-            f"first errors: {errors[:3]}; check the dataset (e.g. re-run the prepare tool)"
+                return None, problem
+            if i in self._suspects:  # the PyAV reference failed on one of its clips: check this one first
+                decode_with_pyav(plan, self.spec)
+            inputs = self._inputs(plan, info)
+        except Exception as e:  # any failure on one record is that record's problem; classify_error names it
+            return None, classify_error(e, record)
+        return (plan, inputs), None
+
+    def _inputs(self, plan: ClipPlan, info: MediaInfo) -> Tuple[np.ndarray, ...]:
+        """One sample's six external_source entries (see :func:`build_clip_pipeline`)."""
+        h, w = self.sampler.frame_size_of(self.records[plan.index])
+        rh, rw = plan.resized
+        y, x, size = plan.crop
+        sy, sx = h / rh, w / rw
+        y0, y1 = y * sy, (y + size) * sy
+        x0, x1 = x * sx, (x + size) * sx
+        if plan.flip:
+            x0, x1 = x1, x0
+        encoded, first = self._audio_input(plan, info)
+        return (
+            np.fromfile(plan.video, dtype=np.uint8),
+            np.asarray(plan.frame_indices, dtype=np.int32),
+            np.array([y0, x0], dtype=np.float32),
+            np.array([y1, x1], dtype=np.float32),
+            encoded,
+            np.array([first], dtype=np.int32),
         )
 
     def _feed(self, schedule_it: Iterator[Tuple[int, int, np.ndarray]]):
@@ -321,33 +310,18 @@ class DALILoader(ClipLoaderBase):
         except StopIteration:
             raise StopIteration from None
         self._probe_ahead(indices)
-        plans, bad = [], Counter()
-        for idx in indices:
-            plan, kinds = self._sample(epoch, int(idx))
-            plans.append(plan)
-            bad.update(kinds)
-        self._pending.append({"epoch": epoch, "batch": b, "plans": plans, "bad": bad})
-        video_bytes, frames, roi_start, roi_end, audio_bytes, audio_start = [], [], [], [], [], []
+        results, problems = fill_batch(
+            indices, lambda i: self._attempt(epoch, i), num_records=len(self.records),
+            step_records=lambda: self.schedule.global_batch(epoch, b),
+            rank=self.schedule.rank, world_size=self.schedule.world_size,
+        )
+        plans = [plan for plan, _ in results]
         for plan in plans:
-            rec = self.records[plan.index]
-            h, w = self.sampler.frame_size_of(rec)
-            rh, rw = plan.resized
-            y, x, size = plan.crop
-            sy, sx = h / rh, w / rw
-            y0, y1 = y * sy, (y + size) * sy
-            x0, x1 = x * sx, (x + size) * sx
-            if plan.flip:
-                x0, x1 = x1, x0
-            video_bytes.append(np.fromfile(plan.video, dtype=np.uint8))
-            frames.append(np.asarray(plan.frame_indices, dtype=np.int32))
-            roi_start.append(np.array([y0, x0], dtype=np.float32))
-            roi_end.append(np.array([y1, x1], dtype=np.float32))
-            encoded, first = self._audio_input(plan)
-            audio_bytes.append(encoded)
-            audio_start.append(np.array([first], dtype=np.int32))
-        return video_bytes, frames, roi_start, roi_end, audio_bytes, audio_start
+            problems.extend(kept_problems(plan, self.spec))
+        self._pending.append({"epoch": epoch, "batch": b, "plans": plans, "problems": problems})
+        return tuple(list(column) for column in zip(*(inputs for _, inputs in results)))
 
-    def _audio_input(self, plan: ClipPlan) -> Tuple[np.ndarray, int]:
+    def _audio_input(self, plan: ClipPlan, info: MediaInfo) -> Tuple[np.ndarray, int]:
         """Encoded audio for DALI's decoder and the output sample where the clip starts in it.
 
         Short files go whole (the FLAC bytes). For files longer than
@@ -364,7 +338,6 @@ class DALILoader(ClipLoaderBase):
 
         sr_out = int(self.spec.audio_sample_rate)
         out0 = int(round(plan.audio_start * sr_out))
-        info = self._media[plan.index]
         if info.audio_seconds <= WHOLE_FILE_AUDIO_SECONDS:
             return np.fromfile(plan.audio, dtype=np.uint8), out0
         sr_in = info.audio_rate
@@ -413,6 +386,8 @@ class DALILoader(ClipLoaderBase):
                 video_tl, audio_tl = self._pipe.run()
             except StopIteration:
                 break
+            except TooMuchBadData:  # raised by _feed: not a decoding failure to recover from
+                raise
             except RuntimeError as e:
                 self._recover(e)
                 continue
@@ -429,7 +404,7 @@ class DALILoader(ClipLoaderBase):
                 batch["label"] = torch.tensor([p.label for p in plans], dtype=torch.int64)
             if self.device is not None:
                 batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-            self._bad.update(meta["bad"])
+            self._account(*summarize_problems(meta["problems"]))
             self._epoch, self._batch = meta["epoch"], meta["batch"] + 1
             if self._batch >= nb and self.train:
                 self._epoch, self._batch = self._epoch + 1, 0
@@ -438,28 +413,83 @@ class DALILoader(ClipLoaderBase):
 
     def _recover(self, error: Exception) -> None:
         """DALI failed on a batch in flight: find the broken records of the batches it was
-        preparing with the reference decoder, mark them, and restart the pipeline at the
-        oldest of those batches (their clips are drawn again, with replacements)."""
+        preparing and restart the pipeline at the oldest of those batches (their clips are
+        drawn again, with replacements).
+
+        A clip the PyAV reference decoder cannot decode makes its record a suspect: every clip of
+        it is checked with the reference before it is fed, so the verdicts stay the PyAV
+        backend's (a window away from corrupt packets is fine). When the reference decodes every
+        clip, each is run through DALI alone; a record DALI cannot decode is rejected for good.
+        """
         if not self._pending:
             raise error
         meta = self._pending[0]
+        plans = [plan for pending in self._pending for plan in pending["plans"]]
         found = False
-        for pending in self._pending:
-            for plan in pending["plans"]:
+        for plan in plans:
+            try:
+                decode_with_pyav(plan, self.spec)
+            except Exception:  # fed again, the clip fails the check in _attempt, which counts it
+                self._suspects.add(plan.index)
+                found = True
+        if not found:  # the inputs are read again: the fed copies were not kept (DALI copies them)
+            fed = []
+            for plan in plans:
                 try:
-                    decode_with_pyav(plan, self.spec)
-                except BadSample as e:
-                    self._broken[plan.index] = (e.kind, str(e))
+                    fed.append((plan, self._inputs(plan, self._media[plan.index])))
+                except Exception as e:
+                    self._broken[plan.index] = classify_error(e, self.records[plan.index])
+                    found = True
+            for (plan, _), dali_error in zip(fed, self._dali_alone([inputs for _, inputs in fed])):
+                if dali_error is not None:
+                    self._broken[plan.index] = ("unreadable", f"DALI cannot decode {plan.video} / {plan.audio} (the "
+                                                              f"PyAV reference decoder can): {dali_error}")
                     found = True
         if not found:
             raise RuntimeError(
                 f"DALI failed while preparing batch {meta['batch']} of epoch {meta['epoch']} (or the next ones in "
-                f"flight), but the PyAV reference decodes every clip of them; this is a DALI problem, not bad "
-                f"data: {error}"
+                f"flight), but decodes each of their clips alone and so does the PyAV reference; this is a DALI "
+                f"problem, not bad data: {error}"
             ) from error
         self._pipe = None
         self._epoch, self._batch = meta["epoch"], meta["batch"]
         self._start()
+
+    def _dali_alone(self, samples: List[Tuple[np.ndarray, ...]]) -> List[Optional[str]]:
+        """DALI's error for each sample run alone through the clip pipeline (None: it decodes)."""
+        queue: Deque[Tuple[np.ndarray, ...]] = deque(samples)
+
+        def source():
+            if not queue:
+                raise StopIteration
+            return tuple([column] for column in queue.popleft())
+
+        errors: List[Optional[str]] = []
+        pipe = None
+        for _ in samples:
+            if pipe is None:  # a pipeline that failed is not reused
+                pipe = build_clip_pipeline(
+                    source, self.spec, 1, gpu=self.gpu, device_id=self.device.index if self.gpu else None,
+                    num_threads=1, prefetch=1, seed=self.seed, exec_async=False, exec_pipelined=False,
+                )
+            try:
+                pipe.run()
+                errors.append(None)
+            except RuntimeError as e:
+                errors.append(_dali_error_summary(e))
+                pipe = None
+        return errors
+
+    def state_dict(self) -> Dict[str, Any]:
+        """Position, bad-data counts, and the records found broken while decoding (see ``_recover``)."""
+        return {**super().state_dict(), "dali_broken": [[i, kind, message] for i, (kind, message) in
+                                                        sorted(self._broken.items())],
+                "dali_suspects": sorted(self._suspects)}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self._broken = {int(i): (str(kind), str(message)) for i, kind, message in state.get("dali_broken", [])}
+        self._suspects = {int(i) for i in state.get("dali_suspects", [])}
 
     def _shutdown(self) -> None:
         self._pipe = None

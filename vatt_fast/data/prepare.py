@@ -244,7 +244,9 @@ def read_captions(path: str | os.PathLike) -> Dict[str, List[dict]]:
                 except ValueError:
                     if lineno == 1:  # header row
                         continue
-                    raise ValueError(f"{path}:{lineno}: start/end must be numbers (seconds), got {start!r}, {end!r}")
+                    raise ValueError(
+                        f"{path}:{lineno}: start/end must be numbers (seconds), got {start!r}, {end!r}"
+                    ) from None
                 lists = rows.setdefault(_ID_RE.sub("_", vid.strip()), ([], [], []))
                 lists[0].append(s), lists[1].append(e), lists[2].append(text)
         return {vid: _caption_list(vid, *lists, str(path)) for vid, lists in rows.items()}

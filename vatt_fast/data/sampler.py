@@ -343,11 +343,13 @@ class ShardedSchedule:
             return self.num_records // self.world_size
         return len(range(self.rank, self.num_records, self.world_size))
 
+    def _permutation(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, int(epoch), 0x5EED]).permutation(self.num_records)
+
     def epoch_indices(self, epoch: int) -> np.ndarray:
         """int64 record indices of this rank for ``epoch``, in batch order."""
         if self.train:
-            perm = np.random.default_rng([self.seed, int(epoch), 0x5EED]).permutation(self.num_records)
-            return perm[self.rank :: self.world_size][: self.shard_size].astype(np.int64)
+            return self._permutation(epoch)[self.rank :: self.world_size][: self.shard_size].astype(np.int64)
         return np.arange(self.rank, self.num_records, self.world_size, dtype=np.int64)
 
     def batch(self, epoch: int, b: int) -> np.ndarray:
@@ -355,6 +357,21 @@ class ShardedSchedule:
         if not 0 <= b < self.batches_per_epoch:
             raise IndexError(f"batch {b} out of range [0, {self.batches_per_epoch})")
         return self.epoch_indices(epoch)[b * self.batch_size : (b + 1) * self.batch_size]
+
+    def global_batch(self, epoch: int, b: int) -> np.ndarray:
+        """Record indices of batch ``b`` of ``epoch`` on every rank: the clips one optimizer step sees.
+
+        A replacement for a bad record is drawn from outside this set, so the contrastive loss
+        (which gathers features over ranks) never sees the same record twice in a step.
+        """
+        B, w = self.batch_size, self.world_size
+        if self.train:
+            # column r of the (shard_size, world_size) table is rank r's shard
+            shards = self._permutation(epoch)[: w * self.shard_size].reshape(self.shard_size, w)
+            return shards[b * B : (b + 1) * B].reshape(-1).astype(np.int64)
+        return np.concatenate(
+            [np.arange(r, self.num_records, w, dtype=np.int64)[b * B : (b + 1) * B] for r in range(w)]
+        )
 
     def iterate(self, epoch: int = 0, batch: int = 0) -> Iterator[Tuple[int, int, np.ndarray]]:
         """``(epoch, batch, indices)`` from a position on: forever when training, else to the epoch end."""

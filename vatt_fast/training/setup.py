@@ -146,9 +146,10 @@ def build_loaders(
     """
     per_rank = args.batch_size // world
     loader = resolve_backend(args.loader)
-    # DALI decodes on the GPU straight into device memory; PyAV batches come pinned and are
-    # copied to the device one batch ahead (vatt_fast.training.loop.DeviceBatches).
-    loader_device = device if loader == "dali" and device.type == "cuda" else None
+    # DALI decodes where the run trains (NVDEC into device memory on CUDA, its CPU pipeline on
+    # --device cpu, even on a GPU machine); PyAV batches come pinned and are copied to the
+    # device one batch ahead (vatt_fast.training.loop.DeviceBatches).
+    loader_device = device if loader == "dali" else None
     common = dict(preset=config, backend=loader, num_workers=args.workers, seed=args.seed, device=loader_device)
     train_loader = build_loader(data_dir, "train", per_rank, train=True, drop_last=True, **common)
     ranks = {"rank": 0, "world_size": 1} if args.fsdp else {}
