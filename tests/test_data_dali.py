@@ -20,16 +20,7 @@ import torch
 
 pytest.importorskip("nvidia.dali")
 
-from data_fixtures import (  # noqa: F401,E402
-    BAD_IDS,
-    ZOO,
-    bad_dir,
-    synthetic_dir,
-    timed_audio,
-    timed_dir,
-    timed_level,
-    zoo_dir,
-)
+from data_helpers import BAD_IDS, ZOO, timed_audio, timed_level  # noqa: E402
 from vatt_fast.data import build_loader  # noqa: E402
 from vatt_fast.data.base import TooMuchBadData  # noqa: E402
 from vatt_fast.data.dali_loader import DALILoader  # noqa: E402

@@ -10,7 +10,6 @@ import av
 import numpy as np
 import pytest
 
-from data_fixtures import synthetic_dir  # noqa: F401  (session fixture)
 from vatt_fast.data.manifest import (
     Caption,
     VideoRecord,

@@ -11,15 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from data_fixtures import (  # noqa: F401  (session fixtures)
-    ZOO,
-    ZOO_AUDIO,
-    ZOO_GOOD_COPIES,
-    bad_dir,
-    synthetic_dir,
-    zoo_dir,
-    zoo_tone,
-)
+from data_helpers import ZOO, ZOO_AUDIO, ZOO_GOOD_COPIES, zoo_tone
 from vatt_fast.data import build_loader, read_manifest
 from vatt_fast.data.loader import resolve_backend
 from vatt_fast.data.pyav_loader import decode_audio_pyav, decode_with_pyav, probe_media

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from data_fixtures import NUMBER_WORDS, timed_audio, timed_dir, timed_level  # noqa: F401
+from data_helpers import NUMBER_WORDS, timed_audio, timed_level
 from vatt_fast.data.base import DUPLICATE, fill_batch
 from vatt_fast.data.manifest import Caption, VideoRecord, read_manifest
 from vatt_fast.data.pyav_loader import decode_with_pyav, resample_audio

@@ -8,7 +8,6 @@ import json
 import numpy as np
 import pytest
 
-from data_fixtures import synthetic_dir  # noqa: F401  (session fixture)
 from vatt_fast.data.manifest import read_manifest
 from vatt_fast.data.pyav_loader import decode_audio_pyav, decode_video_pyav
 from vatt_fast.data.sampler import ClipPlan, ClipSpec

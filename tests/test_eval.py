@@ -9,7 +9,7 @@ import pytest
 import torch
 from test_metrics import brute_force_retrieval, metrics_from_ranks
 
-from train_fixtures import PYTHON, subprocess_env, tiny_data_fixture, tiny_run_fixture  # noqa: F401
+from train_helpers import PYTHON, subprocess_env
 from vatt_fast.checkpoint import WEIGHTS_NAME, load_weights, read_weights_config, resolve_checkpoint
 from vatt_fast.data.loader import build_loader
 from vatt_fast.eval import load_model, main

@@ -12,7 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import vatt_fast.flops as flops_module
 import vatt_fast.train as train_module
 import vatt_fast.training.setup as training_setup
-from train_fixtures import read_rows, tiny_data_fixture, tiny_run_fixture, train_argv  # noqa: F401
+from train_helpers import read_rows, train_argv
 from vatt_fast.checkpoint import WEIGHTS_NAME, read_weights_config, resolve_checkpoint
 from vatt_fast.flops import (
     clip_flops,

@@ -10,16 +10,7 @@ import pytest
 import torch
 import yaml
 
-from train_fixtures import (  # noqa: F401
-    PYTHON,
-    learn_data_fixture,
-    read_rows,
-    stable_adam_fixture,
-    subprocess_env,
-    tiny_data_fixture,
-    tiny_run_fixture,
-    train_argv,
-)
+from train_helpers import PYTHON, read_rows, subprocess_env, train_argv
 from vatt_fast import train as train_mod
 from vatt_fast.models.vatt import VATT as _VATT  # the real class, before any test patches it
 from vatt_fast.train import NonFiniteLossError, build_parser, lr_at, main, parse_args

@@ -14,7 +14,7 @@ import shutil
 import numpy as np
 import pytest
 
-from train_fixtures import read_rows, tiny_data_fixture, train_argv  # noqa: F401
+from train_helpers import read_rows, train_argv
 from vatt_fast.data import build_loader, read_manifest
 
 

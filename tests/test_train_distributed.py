@@ -34,7 +34,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from train_fixtures import PYTHON, read_rows, stable_adam_fixture, subprocess_env, tiny_data_fixture, train_argv  # noqa: F401
+from train_helpers import PYTHON, read_rows, subprocess_env, train_argv
 from vatt_fast.train import main
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]

@@ -1,4 +1,4 @@
-"""Session-scoped datasets shared by the data tests (import the fixtures you use).
+"""Builders of the small datasets the data tests share (the session fixtures in ``conftest.py`` call them).
 
 ``synthetic_dir``: a small synthetic dataset (16 videos: 14 train, 2 val).
 ``timed_dir``: videos whose content encodes time: frame ``k`` has grey level
@@ -17,22 +17,10 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from vatt_fast.data.manifest import Caption, VideoRecord, write_manifest
-from vatt_fast.data.synthetic import AUDIO_RATE, encode_audio, encode_video, generate_synthetic
+from vatt_fast.data.synthetic import AUDIO_RATE, encode_audio, encode_video
 from vatt_fast.data.vocab import Vocabulary
-
-# Fixtures imported into several test modules become one definition per module; this
-# process-wide cache makes each dataset get built once per session all the same.
-_BUILT: dict = {}
-
-
-def _once(name: str, build):
-    if name not in _BUILT:
-        _BUILT[name] = build()
-    return _BUILT[name]
-
 
 NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
@@ -66,18 +54,7 @@ def write_timed_video(folder: Path, vid: str, frames: int, width: int = 58, heig
     )
 
 
-@pytest.fixture(scope="session")
-def synthetic_dir(tmp_path_factory) -> Path:
-    return _once("synthetic", lambda: generate_synthetic(
-        tmp_path_factory.mktemp("data") / "synthetic", videos=16, seed=3, workers=1))
-
-
-@pytest.fixture(scope="session")
-def timed_dir(tmp_path_factory) -> Path:
-    return _once("timed", lambda: _build_timed(tmp_path_factory.mktemp("data") / "timed"))
-
-
-def _build_timed(out: Path) -> Path:
+def build_timed(out: Path) -> Path:
     records = [write_timed_video(out, "long", 45), write_timed_video(out, "short", 5)]
     write_manifest(out, records)
     vocab = Vocabulary.build([c.text for r in records for c in r.captions], max_size=64)
@@ -96,13 +73,7 @@ BAD_IDS = {
 }
 
 
-@pytest.fixture(scope="session")
-def bad_dir(synthetic_dir, tmp_path_factory) -> Path:
-    """One good record, one per bad kind, and one manifest row missing ``duration``."""
-    return _once("bad", lambda: _build_bad(synthetic_dir, tmp_path_factory.mktemp("data") / "bad"))
-
-
-def _build_bad(synthetic_dir: Path, out: Path) -> Path:
+def build_bad(synthetic_dir: Path, out: Path) -> Path:
     (out / "media").mkdir(parents=True)
     rows = [json.loads(line) for line in (synthetic_dir / "manifest.jsonl").read_text().splitlines()]
     src = rows[0]
@@ -273,13 +244,7 @@ def write_broken_video(path: Path, kind: str, good_webm: Path) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def zoo_dir(synthetic_dir, tmp_path_factory) -> Path:
-    """Every ``ZOO`` record, each after a valid copy of a synthetic record (ids ``good_<k>``)."""
-    return _once("zoo", lambda: _build_zoo(synthetic_dir, tmp_path_factory.mktemp("data") / "zoo"))
-
-
-def _build_zoo(synthetic_dir: Path, out: Path) -> Path:
+def build_zoo(synthetic_dir: Path, out: Path) -> Path:
     import soundfile as sf
 
     media = out / "media"
