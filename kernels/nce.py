@@ -226,16 +226,7 @@ def nce_reference(
     Returns:
         ``[B]`` per-clip loss.
     """
-    _check_pair(video, audio, "audio")
-    return mil_nce_reference(
-        video,
-        audio[:, None],
-        None,
-        video_all,
-        None if audio_all is None else _as_k1(audio_all, "audio_all"),
-        None,
-        tau,
-    )
+    return mil_nce_reference(*_as_mil_nce(video, audio, video_all, audio_all), tau)
 
 
 def _check_pair(video: Tensor, other: Tensor, name: str) -> None:
@@ -250,6 +241,15 @@ def _as_k1(x: Tensor, name: str) -> Tensor:
     if x.dim() != 2:
         raise ValueError(f"{name} must be [N, D], got {tuple(x.shape)}")
     return x[:, None]
+
+
+def _as_mil_nce(
+    video: Tensor, audio: Tensor, video_all: Optional[Tensor], audio_all: Optional[Tensor]
+) -> Tuple[Tensor, Tensor, None, Optional[Tensor], Optional[Tensor], None]:
+    """NCE's arguments as MIL-NCE's with one positive per clip and no masks (K = 1)."""
+    _check_pair(video, audio, "audio")
+    text_all = None if audio_all is None else _as_k1(audio_all, "audio_all")
+    return video, audio[:, None], None, video_all, text_all, None
 
 
 def mil_nce(
@@ -290,14 +290,4 @@ def nce(
 
     NCE is MIL-NCE with one positive (K = 1), so it runs the ``mil_nce`` kernel.
     """
-    _check_pair(video, audio, "audio")
-    return mil_nce(
-        video,
-        audio[:, None],
-        None,
-        video_all,
-        None if audio_all is None else _as_k1(audio_all, "audio_all"),
-        None,
-        tau,
-        impl,
-    )
+    return mil_nce(*_as_mil_nce(video, audio, video_all, audio_all), tau, impl)
