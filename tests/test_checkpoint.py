@@ -146,3 +146,23 @@ def test_resolve_checkpoint(tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint at"):
         resolve_checkpoint(tmp_path / "nowhere")
     assert json.loads((path / "meta.json").read_text())["world_size"] == 1
+
+
+def test_atomic_writes_get_the_usual_permissions(tmp_path):
+    """Temporary files are 0600; what lands under the final name is 0666 less the umask, as open() gives."""
+    import os
+    import stat
+
+    from vatt_fast.io import atomic_path, atomic_write
+
+    umask = os.umask(0o022)
+    try:
+        atomic_write(tmp_path / "a.txt", "x")
+        with atomic_path(tmp_path / "d", directory=True) as d:
+            (d / "f").write_text("y")
+        (tmp_path / "plain.txt").write_text("z")
+    finally:
+        os.umask(umask)
+    mode = lambda p: stat.S_IMODE(os.stat(p).st_mode)  # noqa: E731
+    assert mode(tmp_path / "a.txt") == mode(tmp_path / "plain.txt") == 0o644
+    assert mode(tmp_path / "d") == 0o755

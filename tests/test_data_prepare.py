@@ -268,6 +268,9 @@ def test_interrupted_run_is_resumed_and_cleaned(raw, tmp_path):
     (out / "videos" / "pal.webm").unlink()
     (out / "videos" / ".pal.webm.tmp-4242").write_bytes(pal[: len(pal) // 2])
     (out / "audio" / ".pal.flac.tmp-4242").write_bytes(b"fLaC")
+    # ...and what vatt_fast.io.atomic_path leaves when a write is killed
+    (out / "videos" / ".tmp-pal-4242-x.webm").write_bytes(pal[: len(pal) // 3])
+    (out / ".prepare" / "done" / ".tmp-pal-4242-y.json").write_text("{")
     summary = prepare_dataset(raw / "videos", raw / "captions.json", out, **kw)
     assert summary.done == 1 and summary.skipped == 5
     assert not [p for p in out.rglob("*") if ".tmp-" in p.name]

@@ -13,7 +13,7 @@ import torch
 
 from data_helpers import ZOO, ZOO_AUDIO, ZOO_GOOD_COPIES, zoo_tone
 from vatt_fast.data import build_loader, read_manifest
-from vatt_fast.data.loader import resolve_backend
+from vatt_fast.data.loader import resolve_loader
 from vatt_fast.data.pyav_loader import decode_audio_pyav, decode_with_pyav, probe_media
 from vatt_fast.data.sampler import ClipSampler, ClipSpec
 from vatt_fast.data.vocab import Vocabulary
@@ -33,9 +33,9 @@ def _same(a, b):
 def test_auto_backend_is_pyav_without_cuda():
     if torch.cuda.is_available():
         pytest.skip("auto picks DALI when CUDA is there")
-    assert resolve_backend("auto") == "pyav"
+    assert resolve_loader("auto") == "pyav"
     with pytest.raises(ValueError, match="unknown loader backend 'ffmpeg'"):
-        resolve_backend("ffmpeg")
+        resolve_loader("ffmpeg")
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])

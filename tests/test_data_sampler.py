@@ -11,6 +11,7 @@ import pytest
 from data_helpers import NUMBER_WORDS, timed_audio, timed_level
 from vatt_fast.data.base import DUPLICATE, fill_batch
 from vatt_fast.data.manifest import Caption, VideoRecord, read_manifest
+from vatt_fast.data.options import LoaderOptions
 from vatt_fast.data.pyav_loader import decode_with_pyav, resample_audio
 from vatt_fast.data.sampler import ClipSampler, ClipSpec, ShardedSchedule, resized_size, select_captions
 from vatt_fast.data.vocab import Vocabulary
@@ -121,21 +122,21 @@ def test_plan_text_and_mask():
 @pytest.mark.parametrize("n,world,batch", [(37, 3, 4), (10, 4, 2), (8, 1, 3), (5, 2, 1)])
 def test_schedule_shards_are_disjoint_and_cover(n, world, batch):
     for epoch in (0, 3):
-        train = [ShardedSchedule(n, batch, train=True, seed=11, rank=r, world_size=world, drop_last=True)
+        train = [ShardedSchedule(n, LoaderOptions(batch, train=True, seed=11, rank=r, world_size=world, drop_last=True))
                  for r in range(world)]
         shards = [s.epoch_indices(epoch) for s in train]
         flat = np.concatenate(shards)
         assert len(set(flat.tolist())) == len(flat) == (n // world) * world
         assert len({s.batches_per_epoch for s in train}) == 1
         assert train[0].batches_per_epoch == (n // world) // batch
-        ev = [ShardedSchedule(n, batch, train=False, rank=r, world_size=world) for r in range(world)]
+        ev = [ShardedSchedule(n, LoaderOptions(batch, train=False, rank=r, world_size=world)) for r in range(world)]
         flat = np.concatenate([s.epoch_indices(epoch) for s in ev])
         assert sorted(flat.tolist()) == list(range(n))
         for s in ev:
             got = [i for _, _, idx in s.iterate() for i in idx.tolist()]
             assert got == s.epoch_indices(0).tolist()
-    a = ShardedSchedule(n, batch, train=True, seed=11, world_size=1).epoch_indices(0)
-    b = ShardedSchedule(n, batch, train=True, seed=11, world_size=1).epoch_indices(1)
+    a = ShardedSchedule(n, LoaderOptions(batch, train=True, seed=11, world_size=1, drop_last=False)).epoch_indices(0)
+    b = ShardedSchedule(n, LoaderOptions(batch, train=True, seed=11, world_size=1, drop_last=False)).epoch_indices(1)
     assert sorted(a.tolist()) == sorted(b.tolist()) == list(range(n)) and a.tolist() != b.tolist()
 
 
@@ -143,7 +144,8 @@ def test_schedule_shards_are_disjoint_and_cover(n, world, batch):
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_global_batch_is_every_ranks_batch_of_the_step(train, world):
     n, batch = 23, 3
-    ranks = [ShardedSchedule(n, batch, train=train, seed=4, rank=r, world_size=world) for r in range(world)]
+    ranks = [ShardedSchedule(n, LoaderOptions(batch, train=train, seed=4, rank=r, world_size=world, drop_last=False))
+             for r in range(world)]
     for epoch in range(2):
         for b in range(ranks[0].batches_per_epoch):
             expected = [i for s in ranks if b < s.batches_per_epoch for i in s.batch(epoch, b).tolist()]
@@ -208,10 +210,10 @@ def test_no_distinct_record_left_gives_a_counted_duplicate_and_all_bad_is_an_err
 
 def test_schedule_errors_name_the_values():
     with pytest.raises(ValueError, match="fewer than one batch of 8"):
-        ShardedSchedule(10, 8, train=True, world_size=2, drop_last=True)
+        ShardedSchedule(10, LoaderOptions(8, train=True, world_size=2, drop_last=True))
     with pytest.raises(ValueError, match="rank=2, world_size=2"):
-        ShardedSchedule(10, 2, train=True, rank=2, world_size=2)
-    s = ShardedSchedule(10, 2, train=True)
+        ShardedSchedule(10, LoaderOptions(2, train=True, rank=2, world_size=2))
+    s = ShardedSchedule(10, LoaderOptions(2, train=True, drop_last=False))
     with pytest.raises(ValueError, match="batch_size: saved 3, here 2"):
         s.check_identity({**s.identity(), "batch_size": 3})
 
@@ -304,3 +306,42 @@ def test_short_video_pads_frames_and_audio(timed_dir):  # noqa: F811
     t = np.arange(spec.audio_samples) / spec.audio_sample_rate
     np.testing.assert_allclose(audio[(t > 0.02) & (t < 0.48)], timed_audio(t[(t > 0.02) & (t < 0.48)]), atol=2e-3)
     assert np.abs(audio[t > 0.52]).max() < 4e-3
+
+
+# --- one options object, one geometry ----------------------------------------------------------
+def test_loader_options_defaults_follow_the_split():
+    from vatt_fast.data import LoaderOptions
+
+    val = LoaderOptions(3, split="val")
+    assert (val.train, val.drop_last, val.rank, val.world_size) == (False, False, 0, 1)
+    train = LoaderOptions(3)
+    assert (train.train, train.drop_last) == (True, True)
+    assert LoaderOptions(3, split="val", train=True).drop_last is True
+    assert LoaderOptions(3, drop_last=False).drop_last is False
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"batch_size": 0}, "batch_size must be positive, got 0"),
+        ({"batch_size": 2, "rank": 2, "world_size": 2}, r"rank must be in \[0, world_size\), got rank=2, world_size=2"),
+        ({"batch_size": 2, "num_workers": -1}, "num_workers must be >= 0, got -1"),
+        ({"batch_size": 2, "prefetch_factor": 0}, "prefetch_factor must be >= 1, got 0"),
+    ],
+)
+def test_loader_options_reject_bad_values(kwargs, match):
+    from vatt_fast.data import LoaderOptions
+
+    with pytest.raises(ValueError, match=match):
+        LoaderOptions(**kwargs)
+
+
+def test_clip_spec_comes_from_the_model_config():
+    from vatt_fast.models.config import get_config
+
+    cfg = get_config("tiny")
+    spec = ClipSpec.from_preset("tiny")
+    assert spec == ClipSpec(num_frames=cfg.num_frames, fps=cfg.fps, frame_size=cfg.frame_size,
+                            audio_sample_rate=cfg.audio_sample_rate, num_captions=cfg.num_captions,
+                            caption_len=cfg.caption_len)  # fmt: skip
+    assert spec.audio_samples == round(cfg.num_frames / cfg.fps * cfg.audio_sample_rate)

@@ -21,6 +21,10 @@ __all__ = ["TMP_MARK", "atomic_path", "atomic_write", "fsync_dir", "fsync_path"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 TMP_MARK = ".tmp-"  # every temporary name made here starts with it
+# mkstemp/mkdtemp create 0600/0700 entries; what lands under the final name gets the
+# usual permissions instead (0666/0777 less the process umask), as open() would give.
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 def fsync_path(path: PathLike) -> None:
@@ -60,8 +64,10 @@ def atomic_path(final: PathLike, directory: bool = False) -> Iterator[Path]:
     stem = f"{TMP_MARK}{final.stem if not directory else final.name}-{os.getpid()}-"
     if directory:
         tmp = Path(tempfile.mkdtemp(prefix=stem, dir=final.parent))
+        os.chmod(tmp, 0o777 & ~_UMASK)
     else:
         fd, name = tempfile.mkstemp(prefix=stem, suffix=final.suffix, dir=final.parent)
+        os.fchmod(fd, 0o666 & ~_UMASK)
         os.close(fd)
         tmp = Path(name)
     try:

@@ -22,6 +22,7 @@ from collections import Counter
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Set, Tuple
 
 from vatt_fast.data.manifest import VideoRecord
+from vatt_fast.data.options import LoaderOptions
 from vatt_fast.data.sampler import ClipPlan, ClipSampler, ClipSpec, ShardedSchedule
 from vatt_fast.data.vocab import Vocabulary
 
@@ -161,11 +162,8 @@ class ClipLoaderBase:
         records: the split's records.
         spec: clip geometry.
         vocab: caption vocabulary.
-        batch_size: clips per batch on this rank.
-        train: random clips, infinite iteration, reshuffled every epoch; else one ordered pass.
-        seed: seed of the permutations and of every clip draw (shared by the backends).
-        rank, world_size: this process's shard.
-        drop_last: drop the last incomplete batch of an epoch.
+        options: batch size, train/eval, seed, shard, workers, device... (see
+            :class:`~vatt_fast.data.options.LoaderOptions`; a backend reads what it uses).
         bad_data: initial counts (e.g. ``bad_manifest_line`` from reading the manifest).
     """
 
@@ -176,25 +174,16 @@ class ClipLoaderBase:
         records: Sequence[VideoRecord],
         spec: ClipSpec,
         vocab: Vocabulary,
-        batch_size: int,
-        *,
-        train: bool,
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-        drop_last: bool = False,
+        options: LoaderOptions,
         bad_data: Optional[Dict[str, int]] = None,
     ) -> None:
         self.spec = spec
-        self.train = bool(train)
-        self.seed = int(seed)
+        self.options = options
+        self.device = options.device  # where batches are delivered (None: where the backend makes them)
         self.records = list(records)
         self.with_label = any(r.label is not None for r in self.records)
-        self.sampler = ClipSampler(spec, vocab, train=train, seed=seed)
-        self.schedule = ShardedSchedule(
-            len(self.records), batch_size, train=train, seed=seed, rank=rank, world_size=world_size,
-            drop_last=drop_last,
-        )
+        self.sampler = ClipSampler(spec, vocab, train=options.train, seed=options.seed)
+        self.schedule = ShardedSchedule(len(self.records), options)
         self._epoch, self._batch = 0, 0
         self._bad: Counter = Counter(bad_data or {})
         self._logged: Set[str] = set()
@@ -202,9 +191,23 @@ class ClipLoaderBase:
     def __len__(self) -> int:
         return self.schedule.batches_per_epoch
 
+    # The options callers read from the loader itself (the trainer, tests, benchmarks).
     @property
     def batch_size(self) -> int:
-        return self.schedule.batch_size
+        return self.options.batch_size
+
+    @property
+    def train(self) -> bool:
+        """Random clips, infinite iteration (else one ordered pass per ``iter()``)."""
+        return self.options.train
+
+    @property
+    def num_workers(self) -> int:
+        return self.options.num_workers
+
+    @property
+    def prefetch_factor(self) -> int:
+        return self.options.prefetch_factor
 
     @property
     def bad_data(self) -> Dict[str, int]:
@@ -243,6 +246,16 @@ class ClipLoaderBase:
                         "bad data, %s: %s -- the clip is replaced by another record and counted in bad_data[%r]; "
                         "further cases of this kind are counted, not logged", kind, message, kind)
 
+    def _deliver(self, batch: Dict[str, Any], epoch: int, b: int) -> Dict[str, Any]:
+        """``batch`` (batch ``b`` of ``epoch``) on ``self.device``; the position moves past it
+        (to the next epoch after a training epoch's last batch)."""
+        self._epoch, self._batch = epoch, b + 1
+        if self.train and self._batch >= self.schedule.batches_per_epoch:
+            self._epoch, self._batch = epoch + 1, 0
+        if self.device is None:
+            return batch
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
     def _restart_eval_pass(self) -> None:
         """In eval mode, a new ``iter()`` after a finished pass starts the next pass."""
         if not self.train and self._batch >= self.schedule.batches_per_epoch:
@@ -254,5 +267,5 @@ class ClipLoaderBase:
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(records={len(self.records)}, batch_size={self.batch_size}, train={self.train}, "
-            f"rank={self.schedule.rank}/{self.schedule.world_size}, batches_per_epoch={len(self)})"
+            f"rank={self.options.rank}/{self.options.world_size}, batches_per_epoch={len(self)})"
         )

@@ -60,6 +60,7 @@ from vatt_fast.data.base import (
     summarize_problems,
 )
 from vatt_fast.data.manifest import VideoRecord
+from vatt_fast.data.options import LoaderOptions
 from vatt_fast.data.pyav_loader import (
     MediaInfo,
     classify_error,
@@ -148,59 +149,27 @@ def _dali_error_summary(error: Exception) -> str:
 class DALILoader(ClipLoaderBase):
     """Loader over a DALI pipeline (see ``build_loader`` for the API and batch contract).
 
-    Args:
-        records: the split's records.
-        spec: clip geometry.
-        vocab: caption vocabulary.
-        batch_size: clips per batch on this rank.
-        train: random clips, infinite iteration, reshuffled every epoch; else one ordered pass.
-        seed: seed of the permutations and of every clip draw (the same plans as PyAV).
-        rank, world_size: this process's shard.
-        drop_last: drop the last incomplete batch of an epoch.
-        num_workers: DALI CPU threads.
-        pin_memory: accepted for API parity (DALI manages its own staging buffers).
-        device: ``"cuda[:i]"`` decodes with NVDEC on that GPU and returns CUDA tensors;
-            ``"cpu"`` uses DALI's CPU decoder (VP8/VP9/MJPEG only). ``None``: the current CUDA
-            device when CUDA is available, else the CPU.
-        bad_data: initial counts (e.g. ``bad_manifest_line`` from reading the manifest).
-        prefetch_factor: batches DALI prepares ahead.
+    Takes :class:`~vatt_fast.data.base.ClipLoaderBase`'s arguments; the seed gives the same
+    plans as PyAV. Of the options it uses ``num_workers`` (DALI CPU threads, at least one),
+    ``prefetch_factor`` (batches DALI prepares ahead) and ``device``: ``"cuda[:i]"`` decodes
+    with NVDEC on that GPU and returns CUDA tensors; ``"cpu"`` uses DALI's CPU decoder
+    (VP8/VP9/MJPEG only); ``None``: the current CUDA device when CUDA is available, else the
+    CPU. ``pin_memory`` is ignored (DALI manages its own staging buffers).
     """
 
     backend = "dali"
 
-    def __init__(
-        self,
-        records: Sequence[VideoRecord],
-        spec: ClipSpec,
-        vocab: Vocabulary,
-        batch_size: int,
-        *,
-        train: bool,
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-        drop_last: bool = False,
-        num_workers: int = 2,
-        pin_memory: bool = False,
-        device: Optional[torch.device] = None,
-        bad_data: Optional[Dict[str, int]] = None,
-        prefetch_factor: int = 2,
-    ) -> None:
-        if num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    def __init__(self, records: Sequence[VideoRecord], spec: ClipSpec, vocab: Vocabulary, options: LoaderOptions,
+                 bad_data: Optional[Dict[str, int]] = None) -> None:
         if not records:
             raise ValueError("DALILoader needs at least one record; the split is empty")
-        super().__init__(records, spec, vocab, batch_size, train=train, seed=seed, rank=rank,
-                         world_size=world_size, drop_last=drop_last, bad_data=bad_data)
-        if device is None:
-            device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
-        self.device = torch.device(device) if device is not None else None
-        self.gpu = self.device is not None and self.device.type == "cuda"
-        if self.gpu and self.device.index is None:
-            self.device = torch.device("cuda", torch.cuda.current_device())
-        self.num_threads = max(1, int(num_workers))
-        self.pin_memory = bool(pin_memory)
-        self.prefetch = max(1, int(prefetch_factor))
+        super().__init__(records, spec, vocab, options, bad_data)
+        device = options.device
+        if device == torch.device("cuda") or (device is None and torch.cuda.is_available()):
+            device = torch.device("cuda", torch.cuda.current_device())
+        self.device = device
+        self.gpu = device is not None and device.type == "cuda"
+        self.num_threads = max(1, options.num_workers)
         self._media: Dict[int, MediaInfo] = {}
         # Found by _recover: records DALI cannot decode (the PyAV reference can), rejected for every
         # clip; and records whose clip failed the PyAV reference, whose clips are checked with it
@@ -313,7 +282,7 @@ class DALILoader(ClipLoaderBase):
         results, problems = fill_batch(
             indices, lambda i: self._attempt(epoch, i), num_records=len(self.records),
             step_records=lambda: self.schedule.global_batch(epoch, b),
-            rank=self.schedule.rank, world_size=self.schedule.world_size,
+            rank=self.options.rank, world_size=self.options.world_size,
         )
         plans = [plan for plan, _ in results]
         for plan in plans:
@@ -360,8 +329,8 @@ class DALILoader(ClipLoaderBase):
         self._pending.clear()
         device_id = self.device.index if self.gpu else None
         self._pipe = build_clip_pipeline(
-            lambda: self._feed(schedule_it), self.spec, self.schedule.batch_size, gpu=self.gpu,
-            device_id=device_id, num_threads=self.num_threads, prefetch=self.prefetch, seed=self.seed,
+            lambda: self._feed(schedule_it), self.spec, self.batch_size, gpu=self.gpu,
+            device_id=device_id, num_threads=self.num_threads, prefetch=self.options.prefetch_factor, seed=self.options.seed,
         )
 
     def _to_torch(self, tensor_list: Any, dtype: torch.dtype) -> torch.Tensor:
@@ -379,7 +348,6 @@ class DALILoader(ClipLoaderBase):
         return feed_ndarray(tensor, torch.empty(tensor.shape(), dtype=dtype))
 
     def _generate(self) -> Iterator[Dict[str, torch.Tensor]]:
-        nb = self.schedule.batches_per_epoch
         self._start()
         while True:
             try:
@@ -402,13 +370,8 @@ class DALILoader(ClipLoaderBase):
             }
             if self.with_label:
                 batch["label"] = torch.tensor([p.label for p in plans], dtype=torch.int64)
-            if self.device is not None:
-                batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
             self._account(*summarize_problems(meta["problems"]))
-            self._epoch, self._batch = meta["epoch"], meta["batch"] + 1
-            if self._batch >= nb and self.train:
-                self._epoch, self._batch = self._epoch + 1, 0
-            yield batch
+            yield self._deliver(batch, meta["epoch"], meta["batch"])
         self._pipe = None
 
     def _recover(self, error: Exception) -> None:
@@ -470,7 +433,7 @@ class DALILoader(ClipLoaderBase):
             if pipe is None:  # a pipeline that failed is not reused
                 pipe = build_clip_pipeline(
                     source, self.spec, 1, gpu=self.gpu, device_id=self.device.index if self.gpu else None,
-                    num_threads=1, prefetch=1, seed=self.seed, exec_async=False, exec_pipelined=False,
+                    num_threads=1, prefetch=1, seed=self.options.seed, exec_async=False, exec_pipelined=False,
                 )
             try:
                 pipe.run()
@@ -504,6 +467,6 @@ class DALILoader(ClipLoaderBase):
     def __repr__(self) -> str:
         return (
             f"DALILoader(records={len(self.records)}, batch_size={self.batch_size}, train={self.train}, "
-            f"device={'cuda' if self.gpu else 'cpu'}, rank={self.schedule.rank}/{self.schedule.world_size}, "
+            f"device={'cuda' if self.gpu else 'cpu'}, rank={self.options.rank}/{self.options.world_size}, "
             f"batches_per_epoch={len(self)})"
         )

@@ -28,13 +28,16 @@ from typing import Any, Optional, Union
 import torch
 
 from vatt_fast.data.manifest import VOCAB_NAME, read_manifest
+from vatt_fast.data.options import LoaderOptions
 from vatt_fast.data.sampler import ClipSpec
 from vatt_fast.data.vocab import Vocabulary
 from vatt_fast.models.config import VATTConfig, get_config
 
-__all__ = ["build_loader", "resolve_backend", "BACKENDS"]
+__all__ = ["build_loader", "resolve_loader", "LOADERS"]
 
-BACKENDS = ("auto", "dali", "pyav")
+# The loader backends; "backend" here means the loader, not the attention kernel
+# (vatt_fast.nn.attention) or the torch.compile backend.
+LOADERS = ("auto", "dali", "pyav")
 
 
 def _dali_available() -> bool:
@@ -45,15 +48,15 @@ def _dali_available() -> bool:
     return True
 
 
-def resolve_backend(backend: str = "auto") -> str:
+def resolve_loader(name: str = "auto") -> str:
     """``"dali"`` or ``"pyav"``: ``auto`` picks DALI when it imports and CUDA is available."""
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown loader backend {backend!r}; choose one of {BACKENDS}")
-    if backend == "auto":
+    if name not in LOADERS:
+        raise ValueError(f"unknown loader backend {name!r}; choose one of {LOADERS}")
+    if name == "auto":
         return "dali" if torch.cuda.is_available() and _dali_available() else "pyav"
-    if backend == "dali" and not _dali_available():
+    if name == "dali" and not _dali_available():
         raise ImportError("backend='dali' needs NVIDIA DALI: pip install 'vatt_fast[dali]' (or use backend='pyav')")
-    return backend
+    return name
 
 
 def build_loader(
@@ -81,8 +84,8 @@ def build_loader(
         batch_size: clips per batch on this rank.
         preset: model preset (or config) giving the clip geometry: ``num_frames``, ``fps``,
             ``frame_size``, ``audio_sample_rate``, ``num_captions``, ``caption_len``.
-        backend: ``"auto"`` (DALI when it imports and CUDA is available, else PyAV),
-            ``"dali"`` or ``"pyav"``.
+        backend: the loader backend, one of :data:`LOADERS`: ``"auto"`` (DALI when it imports
+            and CUDA is available, else PyAV), ``"dali"`` or ``"pyav"``.
         num_workers: decoding worker processes (PyAV) or threads (DALI).
         seed: seed of the epoch permutations and of every random window, crop and flip.
         train: random clips, infinite iteration, reshuffled every epoch (default: ``split == "train"``);
@@ -93,6 +96,9 @@ def build_loader(
         pin_memory: pin host batches (default: when CUDA is available).
         **spec_overrides: any :class:`~vatt_fast.data.sampler.ClipSpec` field, e.g. ``resize_to=40``.
 
+    The loader options are gathered, defaulted and checked once in a
+    :class:`~vatt_fast.data.options.LoaderOptions`, which the backend and its schedule share.
+
     Returns:
         A loader: iterable of batch dicts (see the module docstring), with ``len()`` =
         batches per epoch, ``state_dict()`` / ``load_state_dict()``, ``bad_data`` and ``close()``.
@@ -100,7 +106,7 @@ def build_loader(
     Raises:
         FileNotFoundError: no manifest or vocabulary.
         ValueError: an unparsable manifest line, an empty split, a vocabulary larger than the
-            preset's ``vocab_size``.
+            preset's ``vocab_size``, an option out of range.
     """
     root = Path(dataset_dir)
     cfg = preset if isinstance(preset, VATTConfig) else get_config(preset)
@@ -116,30 +122,13 @@ def build_loader(
             f"{root / VOCAB_NAME} has {len(vocab)} tokens but preset {cfg.name!r} embeds only "
             f"vocab_size={cfg.vocab_size}; rebuild the vocabulary smaller or raise the model's vocab_size"
         )
-    if rank is None or world_size is None:
-        dist = torch.distributed.is_available() and torch.distributed.is_initialized()
-        rank = rank if rank is not None else (torch.distributed.get_rank() if dist else 0)
-        world_size = world_size if world_size is not None else (torch.distributed.get_world_size() if dist else 1)
-    train = (split == "train") if train is None else bool(train)
-    drop_last = train if drop_last is None else bool(drop_last)
-    if pin_memory is None:
-        pin_memory = torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda")
-    kwargs = dict(
-        train=train,
-        seed=seed,
-        rank=rank,
-        world_size=world_size,
-        drop_last=drop_last,
-        num_workers=num_workers,
-        pin_memory=pin_memory,
-        device=device,
-        bad_data=dict(stats),
+    chosen = resolve_loader(backend)
+    options = LoaderOptions(
+        batch_size=batch_size, split=split, train=train, seed=seed, rank=rank, world_size=world_size,
+        drop_last=drop_last, num_workers=num_workers, device=device, pin_memory=pin_memory,
     )
-    chosen = resolve_backend(backend)
     if chosen == "dali":
-        from vatt_fast.data.dali_loader import DALILoader
-
-        return DALILoader(records, spec, vocab, batch_size, **kwargs)
-    from vatt_fast.data.pyav_loader import PyAVLoader
-
-    return PyAVLoader(records, spec, vocab, batch_size, **kwargs)
+        from vatt_fast.data.dali_loader import DALILoader as Loader
+    else:
+        from vatt_fast.data.pyav_loader import PyAVLoader as Loader
+    return Loader(records, spec, vocab, options, bad_data=dict(stats))

@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Union
+
+from vatt_fast.io import atomic_path, atomic_write
 
 __all__ = [
     "MANIFEST_NAME",
@@ -35,6 +36,7 @@ __all__ = [
     "VideoRecord",
     "read_manifest",
     "write_manifest",
+    "write_jsonl",
     "append_manifest",
     "repair_manifest_tail",
     "manifest_ids",
@@ -242,6 +244,14 @@ def manifest_ids(dataset_dir: PathLike) -> set:
     return ids
 
 
+def write_jsonl(path: PathLike, rows: Iterable[Dict[str, Any]], **dumps_kw: Any) -> Path:
+    """Write ``rows`` as JSON lines, atomically (:func:`vatt_fast.io.atomic_path`); ``dumps_kw`` go to ``json.dumps``."""
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, **dumps_kw) + "\n")
+    return Path(path)
+
+
 def write_manifest(path: PathLike, records: Iterable[VideoRecord]) -> Path:
     """Write ``records`` as a manifest, atomically (temp file in the same folder, then ``os.replace``).
 
@@ -252,22 +262,8 @@ def write_manifest(path: PathLike, records: Iterable[VideoRecord]) -> Path:
     Returns:
         The manifest path.
     """
-    mpath = _manifest_path(path)
     root = _dataset_root(path)
-    mpath.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=mpath.parent, prefix=".manifest.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for rec in records:
-                f.write(json.dumps(record_to_json(rec, root), ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, mpath)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return mpath
+    return write_jsonl(_manifest_path(path), (record_to_json(rec, root) for rec in records), ensure_ascii=False)
 
 
 def append_manifest(path: PathLike, records: Iterable[VideoRecord]) -> Path:
@@ -302,12 +298,6 @@ def repair_manifest_tail(path: PathLike) -> bool:
     data = mpath.read_bytes()
     if data.endswith(b"\n"):
         return False
-    keep = data[: data.rfind(b"\n") + 1]
-    fd, tmp = tempfile.mkstemp(dir=mpath.parent, prefix=".manifest.", suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        f.write(keep)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, mpath)
+    atomic_write(mpath, data[: data.rfind(b"\n") + 1])
     return True
 

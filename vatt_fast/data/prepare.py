@@ -59,9 +59,11 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+
+from vatt_fast.io import TMP_MARK, atomic_path, atomic_write
 
 __all__ = [
     "PrepareConfig",
@@ -87,7 +89,6 @@ CODECS = {
     "h264": ("libx264", ".mp4"),
 }
 STATE_DIR = ".prepare"
-TMP_TAG = ".tmp-"
 _ID_RE = re.compile(r"[^A-Za-z0-9._-]")
 
 
@@ -313,10 +314,6 @@ def _open_encoder(path: str, cfg: PrepareConfig, width: int, height: int, thread
     return container, stream
 
 
-def _tmp_name(final: Path) -> Path:
-    return final.with_name(f".{final.name}{TMP_TAG}{os.getpid()}")
-
-
 def transcode_video(src: str, video_out: str, audio_out: str, cfg: PrepareConfig, threads: int = 1) -> dict:
     """Transcode one input to the stored layout (atomically: temp names, then rename).
 
@@ -340,6 +337,12 @@ def transcode_video(src: str, video_out: str, audio_out: str, cfg: PrepareConfig
         PrepareError: with ``reason`` in ``unreadable``, ``no_video_stream``, ``decode_error``,
             ``too_short``, ``no_audio_stream``, ``encode_error``.
     """
+    with atomic_path(video_out) as tmp_video, atomic_path(audio_out) as tmp_audio:
+        return _transcode(src, tmp_video, tmp_audio, cfg, threads)
+
+
+def _transcode(src: str, video_out: Path, audio_out: Path, cfg: PrepareConfig, threads: int) -> dict:
+    """:func:`transcode_video` writing to the paths given (the temporaries that ``atomic_path`` renames)."""
     import av
     import soundfile as sf
 
@@ -347,7 +350,6 @@ def transcode_video(src: str, video_out: str, audio_out: str, cfg: PrepareConfig
         container = av.open(src)
     except Exception as e:  # FFmpeg raises many error types for unreadable input
         raise PrepareError("unreadable", f"{src}: {e}") from e
-    tmp_video, tmp_audio = _tmp_name(Path(video_out)), _tmp_name(Path(audio_out))
     out_container = None
     try:
         if not container.streams.video:
@@ -362,7 +364,7 @@ def transcode_video(src: str, video_out: str, audio_out: str, cfg: PrepareConfig
         if not ctx.width or not ctx.height:
             raise PrepareError("unreadable", f"{src}: video stream has no frame size")
         width, height = _output_size(ctx.width, ctx.height, ctx.sample_aspect_ratio, cfg.short_side)
-        out_container, out_stream = _open_encoder(str(tmp_video), cfg, width, height, threads)
+        out_container, out_stream = _open_encoder(str(video_out), cfg, width, height, threads)
         resampler = av.AudioResampler(format="s16", layout="mono", rate=AUDIO_RATE) if astream else None
 
         period = 1.0 / cfg.fps
@@ -444,9 +446,7 @@ def transcode_video(src: str, video_out: str, audio_out: str, cfg: PrepareConfig
                 audio[:n] = pcm[:n]
         elif astream is not None and not cfg.silent_audio:
             raise PrepareError("no_audio_stream", f"{src}: the audio stream holds no decodable samples")
-        sf.write(str(tmp_audio), audio, AUDIO_RATE, format="FLAC", subtype="PCM_16")
-        os.replace(tmp_video, video_out)
-        os.replace(tmp_audio, audio_out)
+        sf.write(str(audio_out), audio, AUDIO_RATE, format="FLAC", subtype="PCM_16")
         return {"duration": duration, "num_frames": total, "width": width, "height": height,
                 "silent_audio": bool(silent), "source_fps": round(1.0 / in_period, 3)}
     finally:
@@ -456,23 +456,11 @@ def transcode_video(src: str, video_out: str, audio_out: str, cfg: PrepareConfig
                 out_container.close()
             except Exception:  # the error that brought us here is the one to report
                 pass
-        for tmp in (tmp_video, tmp_audio):
-            if tmp.exists():
-                tmp.unlink()
 
 
 def _fingerprint(path: Path) -> dict:
     st = path.stat()
     return {"source": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-
-
-def _write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}{TMP_TAG}{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _process_one(job: dict) -> dict:
@@ -485,27 +473,30 @@ def _process_one(job: dict) -> dict:
         info = transcode_video(job["src"], str(out / job["video"]), str(out / job["audio"]), cfg, job["threads"])
     except PrepareError as e:
         marker.update(reason=e.reason, detail=e.detail)
-        _write_json_atomic(out / STATE_DIR / "failed" / f"{vid}.json", marker)
+        atomic_write(out / STATE_DIR / "failed" / f"{vid}.json", json.dumps(marker))
         return marker
     except Exception as e:  # an unforeseen FFmpeg failure on one input must not stop the run
         marker.update(reason="unreadable", detail=f"{job['src']}: {type(e).__name__}: {e}")
-        _write_json_atomic(out / STATE_DIR / "failed" / f"{vid}.json", marker)
+        atomic_write(out / STATE_DIR / "failed" / f"{vid}.json", json.dumps(marker))
         return marker
     marker.update(video=job["video"], audio=job["audio"], **info)
     stale = out / STATE_DIR / "failed" / f"{vid}.json"
     if stale.exists():
         stale.unlink()
-    _write_json_atomic(out / STATE_DIR / "done" / f"{vid}.json", marker)
+    atomic_write(out / STATE_DIR / "done" / f"{vid}.json", json.dumps(marker))
     return marker
 
 
 def _cleanup_temporaries(out: Path) -> int:
+    """Remove the temporary files a killed run left in ``out``: hidden files holding
+    :data:`~vatt_fast.io.TMP_MARK` (``.tmp-<name>-<pid>-...`` from :func:`~vatt_fast.io.atomic_path`,
+    ``.<name>.tmp-<pid>`` from earlier versions of this tool)."""
     n = 0
     for sub in ("videos", "audio", f"{STATE_DIR}/done", f"{STATE_DIR}/failed", "."):
         folder = out / sub
         if folder.is_dir():
             for p in folder.iterdir():
-                if p.name.startswith(".") and TMP_TAG in p.name and p.is_file():
+                if p.name.startswith(".") and TMP_MARK in p.name and p.is_file():
                     p.unlink()
                     n += 1
     return n
@@ -555,7 +546,7 @@ def prepare_dataset(
     """
     from tqdm import tqdm
 
-    from vatt_fast.data.manifest import Caption, VideoRecord, write_manifest
+    from vatt_fast.data.manifest import Caption, VideoRecord, write_jsonl, write_manifest
     from vatt_fast.data.vocab import Vocabulary
 
     t_start = time.time()
@@ -654,7 +645,7 @@ def prepare_dataset(
         vocab.save(out / "vocab.txt")
         write_manifest(out / "manifest.jsonl", records)
         failures.sort(key=lambda f: f["id"])
-        _write_lines_atomic(out / "failed.jsonl", (json.dumps(f) for f in failures))
+        write_jsonl(out / "failed.jsonl", failures)
         return PrepareSummary(
             total=len(inputs), done=new_done,
             skipped=skipped, failed=len(failures), failure_reasons=dict(Counter(f["reason"] for f in failures)), silent=silent,
@@ -662,14 +653,6 @@ def prepare_dataset(
         )
     finally:
         _release_lock(lock)
-
-
-def _write_lines_atomic(path: Path, lines: Iterable[str]) -> None:
-    tmp = path.with_name(f".{path.name}{TMP_TAG}{os.getpid()}")
-    with open(tmp, "w") as f:
-        for line in lines:
-            f.write(line + "\n")
-    os.replace(tmp, path)
 
 
 def _acquire_lock(out: Path):

@@ -48,6 +48,7 @@ from vatt_fast.data.base import (
     summarize_problems,
 )
 from vatt_fast.data.manifest import VideoRecord
+from vatt_fast.data.options import LoaderOptions
 from vatt_fast.data.sampler import ClipPlan, ClipSampler, ClipSpec, ShardedSchedule
 from vatt_fast.data.vocab import Vocabulary
 
@@ -613,7 +614,8 @@ class ClipDataset(torch.utils.data.Dataset):
         results, problems = fill_batch(
             indices, lambda i: self._attempt(epoch, i), num_records=len(self.records),
             step_records=(lambda: sched.global_batch(epoch, b)) if sched is not None else (lambda: indices),
-            rank=sched.rank if sched is not None else 0, world_size=sched.world_size if sched is not None else 1,
+            rank=sched.options.rank if sched is not None else 0,
+            world_size=sched.options.world_size if sched is not None else 1,
         )
         samples = []
         for plan, video, audio in results:
@@ -670,41 +672,17 @@ def _worker_init(_: int) -> None:
 class PyAVLoader(ClipLoaderBase):
     """Loader over torch DataLoader workers decoding with PyAV (see ``build_loader`` for the API).
 
-    Args (beyond :class:`~vatt_fast.data.base.ClipLoaderBase`'s):
-        num_workers: decoding processes (0 decodes in the main process).
-        pin_memory: pin batches in page-locked memory (for fast host-to-GPU copies).
-        device: when set, batches are moved there (``non_blocking``).
-        prefetch_factor: batches each worker keeps ready.
+    Takes :class:`~vatt_fast.data.base.ClipLoaderBase`'s arguments. Of the options it uses
+    ``num_workers`` (decoding processes; 0 decodes in the main process), ``pin_memory``
+    (page-locked batches for fast host-to-GPU copies), ``device`` (when set, batches are moved
+    there, ``non_blocking``) and ``prefetch_factor`` (batches each worker keeps ready).
     """
 
     backend = "pyav"
 
-    def __init__(
-        self,
-        records: Sequence[VideoRecord],
-        spec: ClipSpec,
-        vocab: Vocabulary,
-        batch_size: int,
-        *,
-        train: bool,
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-        drop_last: bool = False,
-        num_workers: int = 2,
-        pin_memory: bool = False,
-        device: Optional[torch.device] = None,
-        bad_data: Optional[Dict[str, int]] = None,
-        prefetch_factor: int = 2,
-    ) -> None:
-        if num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-        super().__init__(records, spec, vocab, batch_size, train=train, seed=seed, rank=rank,
-                         world_size=world_size, drop_last=drop_last, bad_data=bad_data)
-        self.num_workers = int(num_workers)
-        self.pin_memory = bool(pin_memory)
-        self.device = torch.device(device) if device is not None else None
-        self.prefetch_factor = prefetch_factor
+    def __init__(self, records: Sequence[VideoRecord], spec: ClipSpec, vocab: Vocabulary, options: LoaderOptions,
+                 bad_data: Optional[Dict[str, int]] = None) -> None:
+        super().__init__(records, spec, vocab, options, bad_data)
         self.dataset = ClipDataset(self.records, self.sampler, self.with_label, self.schedule)
         self._it: Any = None
 
@@ -713,29 +691,23 @@ class PyAVLoader(ClipLoaderBase):
         self._restart_eval_pass()
         keys = _BatchKeys(self.schedule, self._epoch, self._batch)
         kwargs: Dict[str, Any] = {}
-        if self.num_workers > 0:
-            kwargs = dict(worker_init_fn=_worker_init, prefetch_factor=self.prefetch_factor)
+        if self.options.num_workers > 0:
+            kwargs = dict(worker_init_fn=_worker_init, prefetch_factor=self.options.prefetch_factor)
         dl = torch.utils.data.DataLoader(
             self.dataset,
             batch_sampler=keys,
-            num_workers=self.num_workers,
+            num_workers=self.options.num_workers,
             collate_fn=collate_clips,
-            pin_memory=self.pin_memory,
+            pin_memory=self.options.pin_memory,
             **kwargs,
         )
         self._it = iter(dl)
         return self._generate(self._it)
 
     def _generate(self, it: Iterator[Dict[str, Any]]) -> Iterator[Dict[str, torch.Tensor]]:
-        nb = self.schedule.batches_per_epoch
         for batch in it:
             self._account(batch.pop("_bad"), batch.pop("_bad_messages"))
-            self._batch += 1
-            if self._batch >= nb and self.train:
-                self._epoch, self._batch = self._epoch + 1, 0
-            if self.device is not None:
-                batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-            yield batch
+            yield self._deliver(batch, self._epoch, self._batch)
         if it is self._it:
             self._it = None
 

@@ -34,11 +34,12 @@ from __future__ import annotations
 import math
 import threading
 from dataclasses import dataclass, fields
-from typing import Any, Dict, Iterator, List, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 
 from vatt_fast.data.manifest import Caption, VideoRecord
+from vatt_fast.data.options import LoaderOptions
 from vatt_fast.data.vocab import Vocabulary
 from vatt_fast.models.config import VATTConfig, get_config
 
@@ -55,35 +56,47 @@ __all__ = [
 
 @dataclass(frozen=True)
 class ClipSpec:
-    """The geometry of one training clip.
+    """The geometry of one training clip: what the loaders and :class:`ClipPlan` s follow.
+
+    The first six fields are the model config's (:class:`~vatt_fast.models.config.VATTConfig`),
+    which is where their values come from (:meth:`from_preset`); ClipSpec declares no defaults
+    of its own for them. It stays a separate record because a loader's clips may differ from
+    what a model preset allows (``build_loader(..., num_frames=6)``); the last two fields are
+    derived from the others unless given.
 
     Attributes:
         num_frames: T, frames per clip (at ``fps``).
         fps: frame rate of the stored videos and of the clips (VATT: 10).
         frame_size: side of the square crop fed to the model, pixels.
-        resize_to: short side the frames are resized to before cropping (>= frame_size).
         audio_sample_rate: sample rate of the clip's waveform, Hz.
-        audio_samples: S, waveform samples per clip (``num_frames / fps * audio_sample_rate``).
         num_captions: K captions per clip.
         caption_len: L words per caption.
+        resize_to: short side the frames are resized to before cropping (>= frame_size).
+            Default: ``round(frame_size * 8 / 7)`` (224 -> 256, 32 -> 37).
+        audio_samples: S, waveform samples per clip. Default:
+            ``round(num_frames / fps * audio_sample_rate)`` (the audio spans the frames' time).
     """
 
     num_frames: int
     fps: float
     frame_size: int
-    resize_to: int
     audio_sample_rate: int
-    audio_samples: int
     num_captions: int
     caption_len: int
+    resize_to: Optional[int] = None
+    audio_samples: Optional[int] = None
 
     def __post_init__(self) -> None:
-        for name in ("num_frames", "frame_size", "resize_to", "audio_sample_rate", "audio_samples",
-                     "num_captions", "caption_len"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"ClipSpec.{name} must be positive, got {getattr(self, name)}")
-        if not self.fps > 0:
-            raise ValueError(f"ClipSpec.fps must be positive, got {self.fps}")
+        for f in fields(self):  # in order: a derived field sees the others checked
+            value = getattr(self, f.name)
+            if f.name == "resize_to" and not value:
+                value = round(self.frame_size * 8 / 7)
+            elif f.name == "audio_samples" and not value:
+                value = round(self.num_frames / self.fps * self.audio_sample_rate)
+            value = float(value) if f.name == "fps" else int(value)
+            if not value > 0:
+                raise ValueError(f"ClipSpec.{f.name} must be positive, got {value}")
+            object.__setattr__(self, f.name, value)
         if self.resize_to < self.frame_size:
             raise ValueError(
                 f"ClipSpec.resize_to ({self.resize_to}) is smaller than frame_size ({self.frame_size}); "
@@ -96,11 +109,10 @@ class ClipSpec:
 
     @classmethod
     def from_preset(cls, name_or_config: Union[str, VATTConfig] = "tiny", **overrides: Any) -> "ClipSpec":
-        """The clip geometry of a model preset, with ``overrides`` of any ClipSpec field.
+        """The clip geometry of a model preset (or config), with ``overrides`` of any ClipSpec field.
 
-        ``resize_to`` defaults to ``round(frame_size * 8 / 7)`` (224 -> 256, 32 -> 37) and
-        ``audio_samples`` to ``round(num_frames / fps * audio_sample_rate)``, both computed
-        after the other overrides.
+        The fields ClipSpec shares with the config are read from it by name; the derived fields
+        (``resize_to``, ``audio_samples``) follow the overridden values.
 
         Example:
             >>> ClipSpec.from_preset("tiny").audio_samples
@@ -111,20 +123,11 @@ class ClipSpec:
         unknown = sorted(set(overrides) - names)
         if unknown:
             raise TypeError(f"unknown ClipSpec field(s) {unknown}; valid fields: {sorted(names)}")
-        v: Dict[str, Any] = dict(
-            num_frames=cfg.num_frames,
-            fps=cfg.fps,
-            frame_size=cfg.frame_size,
-            audio_sample_rate=cfg.audio_sample_rate,
-            num_captions=cfg.num_captions,
-            caption_len=cfg.caption_len,
-        )
-        v.update({k: val for k, val in overrides.items() if k not in ("resize_to", "audio_samples")})
-        v["resize_to"] = overrides.get("resize_to") or int(round(v["frame_size"] * 8 / 7))
-        v["audio_samples"] = overrides.get("audio_samples") or int(
-            round(v["num_frames"] / v["fps"] * v["audio_sample_rate"])
-        )
-        return cls(**{k: (float(val) if k == "fps" else int(val)) for k, val in v.items()})
+        return cls(**{**{name: getattr(cfg, name) for name in _CONFIG_FIELDS}, **overrides})
+
+
+# The ClipSpec fields a model config declares (all but the derived resize_to and audio_samples).
+_CONFIG_FIELDS = tuple(f.name for f in fields(ClipSpec) if f.name in {g.name for g in fields(VATTConfig)})
 
 
 @dataclass
@@ -300,63 +303,48 @@ class ShardedSchedule:
 
     Args:
         num_records: records in the split.
-        batch_size: clips per batch on this rank.
-        train: shuffled, equal shards (see above) when True.
-        seed: seed of the permutations.
-        rank, world_size: this process's shard.
-        drop_last: drop the last incomplete batch of every epoch.
+        options: the loader's options; the schedule reads ``batch_size``, ``train`` (shuffled,
+            equal shards when True), ``seed`` (of the permutations), ``rank``, ``world_size``
+            and ``drop_last`` (drop the last incomplete batch of every epoch).
     """
 
-    def __init__(
-        self,
-        num_records: int,
-        batch_size: int,
-        *,
-        train: bool,
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-        drop_last: bool = False,
-    ) -> None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
+    def __init__(self, num_records: int, options: LoaderOptions) -> None:
         if num_records < 1:
             raise ValueError("the split has no records; check the manifest's split names")
-        self.num_records, self.batch_size = int(num_records), int(batch_size)
-        self.train, self.seed = bool(train), int(seed)
-        self.rank, self.world_size = int(rank), int(world_size)
-        self.drop_last = bool(drop_last)
+        self.num_records = int(num_records)
+        self.options = o = options
         n = self.shard_size
-        self.batches_per_epoch = n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        self.batches_per_epoch = n // o.batch_size if o.drop_last else -(-n // o.batch_size)
         if self.batches_per_epoch < 1:
             raise ValueError(
-                f"rank {rank} gets {n} records of {num_records} (world_size {world_size}), fewer than one "
-                f"batch of {batch_size} with drop_last=True; lower batch_size or use drop_last=False"
+                f"rank {o.rank} gets {n} records of {num_records} (world_size {o.world_size}), fewer than one "
+                f"batch of {o.batch_size} with drop_last=True; lower batch_size or use drop_last=False"
             )
 
     @property
     def shard_size(self) -> int:
         """Records this rank sees per epoch."""
-        if self.train:
-            return self.num_records // self.world_size
-        return len(range(self.rank, self.num_records, self.world_size))
+        o = self.options
+        if o.train:
+            return self.num_records // o.world_size
+        return len(range(o.rank, self.num_records, o.world_size))
 
     def _permutation(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, int(epoch), 0x5EED]).permutation(self.num_records)
+        return np.random.default_rng([self.options.seed, int(epoch), 0x5EED]).permutation(self.num_records)
 
     def epoch_indices(self, epoch: int) -> np.ndarray:
         """int64 record indices of this rank for ``epoch``, in batch order."""
-        if self.train:
-            return self._permutation(epoch)[self.rank :: self.world_size][: self.shard_size].astype(np.int64)
-        return np.arange(self.rank, self.num_records, self.world_size, dtype=np.int64)
+        o = self.options
+        if o.train:
+            return self._permutation(epoch)[o.rank :: o.world_size][: self.shard_size].astype(np.int64)
+        return np.arange(o.rank, self.num_records, o.world_size, dtype=np.int64)
 
     def batch(self, epoch: int, b: int) -> np.ndarray:
         """Record indices of batch ``b`` of ``epoch``."""
         if not 0 <= b < self.batches_per_epoch:
             raise IndexError(f"batch {b} out of range [0, {self.batches_per_epoch})")
-        return self.epoch_indices(epoch)[b * self.batch_size : (b + 1) * self.batch_size]
+        B = self.options.batch_size
+        return self.epoch_indices(epoch)[b * B : (b + 1) * B]
 
     def global_batch(self, epoch: int, b: int) -> np.ndarray:
         """Record indices of batch ``b`` of ``epoch`` on every rank: the clips one optimizer step sees.
@@ -364,8 +352,8 @@ class ShardedSchedule:
         A replacement for a bad record is drawn from outside this set, so the contrastive loss
         (which gathers features over ranks) never sees the same record twice in a step.
         """
-        B, w = self.batch_size, self.world_size
-        if self.train:
+        B, w = self.options.batch_size, self.options.world_size
+        if self.options.train:
             # column r of the (shard_size, world_size) table is rank r's shard
             shards = self._permutation(epoch)[: w * self.shard_size].reshape(self.shard_size, w)
             return shards[b * B : (b + 1) * B].reshape(-1).astype(np.int64)
@@ -376,24 +364,26 @@ class ShardedSchedule:
     def iterate(self, epoch: int = 0, batch: int = 0) -> Iterator[Tuple[int, int, np.ndarray]]:
         """``(epoch, batch, indices)`` from a position on: forever when training, else to the epoch end."""
         e, b = int(epoch), int(batch)
+        B = self.options.batch_size
         while True:
             idx = self.epoch_indices(e)
             while b < self.batches_per_epoch:
-                yield e, b, idx[b * self.batch_size : (b + 1) * self.batch_size]
+                yield e, b, idx[b * B : (b + 1) * B]
                 b += 1
-            if not self.train:
+            if not self.options.train:
                 return
             e, b = e + 1, 0
 
     def identity(self) -> Dict[str, Any]:
         """What a saved position is only valid for (stored in loader state dicts)."""
+        o = self.options
         return {
-            "seed": self.seed,
+            "seed": o.seed,
             "num_records": self.num_records,
-            "batch_size": self.batch_size,
-            "rank": self.rank,
-            "world_size": self.world_size,
-            "train": self.train,
+            "batch_size": o.batch_size,
+            "rank": o.rank,
+            "world_size": o.world_size,
+            "train": o.train,
         }
 
     def check_identity(self, state: Dict[str, Any]) -> None:

@@ -45,8 +45,9 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from vatt_fast.data.manifest import MANIFEST_NAME, VOCAB_NAME
+from vatt_fast.data.manifest import MANIFEST_NAME, VOCAB_NAME, write_jsonl
 from vatt_fast.data.vocab import Vocabulary
+from vatt_fast.io import TMP_MARK, atomic_write
 
 __all__ = [
     "SHAPES",
@@ -353,14 +354,10 @@ def generate_synthetic(
         rows = [_make_video(j) for j in _maybe_progress(iter(jobs), len(jobs), progress)]
     vocab = Vocabulary.build([c["text"] for r in rows for c in r["captions"]], max_size=vocab_size)
     vocab.save(out / VOCAB_NAME)
-    tmp = out / (MANIFEST_NAME + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-    os.replace(tmp, out / MANIFEST_NAME)
-    with open(out / "synthetic.json", "w", encoding="utf-8") as f:
-        json.dump({"version": VERSION, "videos": videos, "seed": seed, "short_side": short_side,
-                   "segments": segments, "segment_seconds": segment_seconds}, f)
+    write_jsonl(out / MANIFEST_NAME, rows)
+    atomic_write(out / "synthetic.json", json.dumps({"version": VERSION, "videos": videos, "seed": seed,
+                                                     "short_side": short_side, "segments": segments,
+                                                     "segment_seconds": segment_seconds}))
     return out
 
 
@@ -407,7 +404,9 @@ def ensure_synthetic(cache_dir: Optional[Union[str, os.PathLike]] = None, **kw: 
     if (final / MANIFEST_NAME).is_file():
         return final
     root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}.tmp-"))
+    # Not atomic_path(directory=True): that replaces an existing folder, and here the first
+    # caller's folder must win (another rank may already be reading it).
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f"{TMP_MARK}{name}-"))
     try:
         log.info("generating the synthetic dataset into %s", final)
         generate_synthetic(tmp, **params, **run_kw)

@@ -12,7 +12,6 @@ and a ``WordLevel`` model that maps unknown words to ``<unk>``.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Iterable, List, Sequence, Union
@@ -20,6 +19,8 @@ from typing import Iterable, List, Sequence, Union
 import numpy as np
 from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers
 from tokenizers.models import WordLevel
+
+from vatt_fast.io import atomic_write
 
 __all__ = ["Vocabulary", "PAD", "UNK", "PAD_ID", "UNK_ID"]
 
@@ -95,18 +96,7 @@ class Vocabulary:
     # --- io ---------------------------------------------------------------------------
     def save(self, path: Union[str, os.PathLike]) -> Path:
         """Write ``vocab.txt`` (one token per line, line number = id), atomically."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".vocab.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write("\n".join(self.tokens) + "\n")
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-        return path
+        return atomic_write(path, "\n".join(self.tokens) + "\n")
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike]) -> "Vocabulary":

@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
-from vatt_fast.data.loader import BACKENDS as LOADERS
+from vatt_fast.data.loader import LOADERS
 from vatt_fast.kernels import IMPLS as KERNELS
 from vatt_fast.models.config import VATTConfig, list_presets
 from vatt_fast.nn.attention import BACKENDS as ATTENTION

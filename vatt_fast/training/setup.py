@@ -14,7 +14,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from torch import nn
 
-from vatt_fast.data.loader import build_loader, resolve_backend
+from vatt_fast.data.loader import build_loader, resolve_loader
 from vatt_fast.data.manifest import read_manifest
 from vatt_fast.data.synthetic import ensure_synthetic
 from vatt_fast.data.vocab import Vocabulary
@@ -145,7 +145,7 @@ def build_loaders(
     model); None, with a warning, when the dataset has no such split.
     """
     per_rank = args.batch_size // world
-    loader = resolve_backend(args.loader)
+    loader = resolve_loader(args.loader)
     # DALI decodes where the run trains (NVDEC into device memory on CUDA, its CPU pipeline on
     # --device cpu, even on a GPU machine); PyAV batches come pinned and are copied to the
     # device one batch ahead (vatt_fast.training.loop.DeviceBatches).
