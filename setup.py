@@ -20,7 +20,7 @@ setup(
     # top-level `kernels` module (a name taken on PyPI) is ever installed.
     package_dir={"vatt_fast.kernels": "kernels"},
     install_requires=[
-        "torch>=2.4",
+        "torch>=2.6",
         "triton>=3.0; platform_system == 'Linux'",
         "numpy>=1.24",
         "tqdm>=4.60",

@@ -145,7 +145,9 @@ def check_patch_embed_args(
         if S % p:
             raise ValueError(
                 f"patch_embed: patch size {p} does not divide the waveform length S={S}; crop or pad it "
-                f"to a multiple of {p} (e.g. {S // p * p} or {(S // p + 1) * p} samples)"
+                f"to a multiple of {p} (e.g. "
+                + (f"{S // p * p} or {(S // p + 1) * p}" if S >= p else f"{p}")
+                + " samples)"
             )
         grid = (S // p,)
         patch = (p,)

@@ -232,6 +232,8 @@ def test_position_tables_init():
 BAD_VIDEO = [
     (dict(x=torch.zeros(2, 5, 16, 16, 3, dtype=torch.uint8)), r"patch size 2 does not divide frames T=5"),
     (dict(x=torch.zeros(2, 4, 16, 12, 3, dtype=torch.uint8)), r"patch size 8 does not divide width W=12"),
+    # shorter than one tubelet: still the op's message, not a failure to size the position table
+    (dict(x=torch.zeros(2, 1, 16, 16, 3, dtype=torch.uint8)), r"patch size 2 does not divide frames T=1"),
     (dict(x=torch.zeros(2, 4, 16, 16, dtype=torch.uint8)), r"expects video \[B, T, H, W, C=3\], got \(2, 4, 16, 16\)"),
     (dict(x=torch.zeros(2, 4, 16, 16, 1, dtype=torch.uint8)), r"x has 1 channels.*expects C=3"),
     (dict(keep=torch.tensor([0, 8])), r"keep holds token index 8 but there are 8 tokens"),
@@ -299,7 +301,8 @@ def test_audio_patch_embed_interpolates_and_state_dict():
 @pytest.mark.parametrize(
     "wave,message",
     [
-        (torch.randn(2, 100), r"waveform length S=100 is not a multiple of patch_size 16.*96 or 112"),
+        (torch.randn(2, 100), r"patch size 16 does not divide the waveform length S=100.*96 or 112"),
+        (torch.randn(2, 5), r"patch size 16 does not divide the waveform length S=5.*\(e\.g\. 16 samples\)"),
         (torch.randn(2, 1, 64), r"expects a waveform \[B, S\], got \(2, 1, 64\)"),
         (torch.zeros(2, 64, dtype=torch.int16), r"waveform x must be floating point, got dtype torch.int16"),
     ],

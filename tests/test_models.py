@@ -182,6 +182,17 @@ def test_token_ids_out_of_vocabulary():
         model(batch)
 
 
+def test_token_id_dtype():
+    cfg = get_config("tiny")
+    model = create_model("tiny").eval()
+    batch = _batch(cfg, B=2)
+    with torch.no_grad():
+        ref = model(batch)["text_vt"]
+        torch.testing.assert_close(model({**batch, "text": batch["text"].int()})["text_vt"], ref, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"expects int64 word ids, got dtype torch.float32.*Vocabulary.encode"):
+        model({**batch, "text": batch["text"].float()})
+
+
 def test_wrong_channel_count():
     cfg = get_config("tiny")
     model = create_model("tiny")

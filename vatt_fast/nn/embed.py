@@ -28,7 +28,7 @@ from vatt_fast.kernels.patch_embed import patch_embed
 
 from ._init import trunc_normal_
 
-__all__ = ["AudioPatchEmbed", "DropToken", "num_kept_tokens", "TextEmbed", "VideoPatchEmbed", "interpolate_pos_table", "trunc_normal_pos_"]
+__all__ = ["AudioPatchEmbed", "DropToken", "check_word_ids", "num_kept_tokens", "TextEmbed", "VideoPatchEmbed", "interpolate_pos_table", "trunc_normal_pos_"]
 
 PixelAffine = Union[None, float, Sequence[float]]
 
@@ -154,17 +154,11 @@ class VideoPatchEmbed(nn.Module):
     def grid_for(self, frames: int, height: int, width: int) -> Tuple[int, int, int]:
         """The token grid ``(Tp, Hp, Wp)`` of a ``frames x height x width`` clip.
 
-        Raises ``ValueError`` when a patch size does not divide the clip.
+        Not a check: :func:`~vatt_fast.kernels.patch_embed.patch_embed` is the one place that
+        rejects a clip a patch size does not divide, so here each axis is floor-divided (and at
+        least 1, so that a position table exists for the op to reject the clip with its message).
         """
-        out = []
-        for size, p, name in zip((frames, height, width), self.patch_size, ("frames T", "height H", "width W")):
-            if size % p:
-                raise ValueError(
-                    f"VideoPatchEmbed: patch size {p} does not divide {name}={size} "
-                    f"(patch_size={self.patch_size}); crop or pad the clip to a multiple of {p}"
-                )
-            out.append(size // p)
-        return tuple(out)  # type: ignore[return-value]
+        return tuple(max(1, size // p) for size, p in zip((frames, height, width), self.patch_size))  # type: ignore[return-value]
 
     def position_embedding(self, grid: Optional[Tuple[int, int, int]] = None) -> torch.Tensor:
         """The summed position embedding ``[N, D]`` for ``grid`` (default ``grid_size``), in token order.
@@ -262,18 +256,13 @@ class AudioPatchEmbed(nn.Module):
         if not isinstance(wave, torch.Tensor) or wave.dim() != 2:
             got = tuple(wave.shape) if isinstance(wave, torch.Tensor) else type(wave).__name__
             raise ValueError(f"AudioPatchEmbed expects a waveform [B, S], got {got}")
-        S = wave.shape[1]
-        if S % self.patch_size:
-            p = self.patch_size
-            raise ValueError(
-                f"AudioPatchEmbed: waveform length S={S} is not a multiple of patch_size {p}; "
-                f"crop or pad it to {S // p * p} or {(S // p + 1) * p} samples"
-            )
+        # patch_embed rejects a length S that patch_size does not divide (max(1, .): a table for it to reject)
+        num_tokens = max(1, wave.shape[1] // self.patch_size)
         return patch_embed(
             wave,
             self.proj.weight,
             self.proj.bias,
-            pos=self.position_embedding(S // self.patch_size),
+            pos=self.position_embedding(num_tokens),
             keep=keep,
             impl=self.impl,
         )
@@ -283,6 +272,43 @@ class AudioPatchEmbed(nn.Module):
             f"patch_size={self.patch_size}, embed_dim={self.embed_dim}, num_patches={self.num_patches}, "
             f"impl={self.impl!r}"
         )
+
+
+_IDS_FIX = (
+    "build the model with vocab_size=len(vocabulary) (the loaders check this when they are built) "
+    "and map unknown words to the unknown id"
+)
+
+
+def check_word_ids(ids: torch.Tensor, vocab_size: int) -> None:
+    """Check that word ids are integers in ``[0, vocab_size)``, without a host sync on an accelerator.
+
+    The one validation of word ids (the loaders validate the vocabulary against the model's
+    ``vocab_size`` once, when they are built). On CPU in eager mode the ids are read (no device
+    sync exists there) and a ``ValueError`` names the offending range. On an accelerator, and
+    while ``torch.compile`` traces, the check is ``torch._assert_async``: it stays in the graph
+    (no graph break) and costs no host sync; it fails with ``RuntimeError`` on CPU, and as a
+    device-side assert on CUDA (which ``nn.Embedding`` would raise anyway).
+    """
+    if ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError(
+            f"TextEmbed expects int64 word ids, got dtype {ids.dtype}; tokenise with Vocabulary.encode "
+            f"(integer ids of another dtype: ids.long())"
+        )
+    if ids.numel() == 0:
+        return
+    if ids.device.type == "cpu" and not torch.compiler.is_compiling():
+        lo, hi = (int(v) for v in torch.aminmax(ids))
+        if lo < 0 or hi >= vocab_size:
+            raise ValueError(
+                f"TextEmbed: word ids must lie in [0, {vocab_size - 1}], got ids from {lo} to max id {hi} "
+                f"with vocab_size={vocab_size}; {_IDS_FIX}"
+            )
+        return
+    torch._assert_async(
+        ((ids >= 0) & (ids < vocab_size)).all(),
+        f"TextEmbed: word ids must lie in [0, {vocab_size - 1}] (vocab_size={vocab_size}); {_IDS_FIX}",
+    )
 
 
 class TextEmbed(nn.Module):
@@ -360,15 +386,7 @@ class TextEmbed(nn.Module):
         Returns:
             ``[..., L, D]`` in the table's dtype.
         """
-        if ids.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"TextEmbed expects int64 word ids, got dtype {ids.dtype}; use ids.long()")
-        if ids.numel() and not torch.compiler.is_compiling():
-            lo, hi = (int(v) for v in torch.aminmax(ids))
-            if lo < 0 or hi >= self.vocab_size:
-                raise ValueError(
-                    f"TextEmbed: word ids must lie in [0, {self.vocab_size - 1}], got ids from {lo} to max id {hi} "
-                    f"with vocab_size={self.vocab_size}; map unknown words to the unknown id or enlarge the vocabulary"
-                )
+        check_word_ids(ids, self.vocab_size)
         out = self.word_embedding(ids)  # (..., L, word_dim or D)
         if self.proj is not None:
             out = self.proj(out)  # (..., L, D)
