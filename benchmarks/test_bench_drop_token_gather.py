@@ -1,4 +1,5 @@
-"""drop_token_gather benchmarks: the PyTorch reference, eager and under torch.compile.
+"""drop_token_gather benchmarks: the PyTorch reference, eager and under torch.compile, and the
+Triton kernel (CUDA only).
 
 Each benchmark first checks its output against an independent dense computation in
 float64 (a one-hot selection matmul, exact for a selection), then is timed, and reports
@@ -18,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from bench_utils import device_name, inductor_error, record, time_it
 
+from vatt_fast.kernels import _dispatch, drop_token_gather
 from vatt_fast.kernels.drop_token_gather import drop_token_gather_reference
 from vatt_fast.models.config import get_config
 
@@ -78,3 +80,21 @@ def test_drop_token_gather_reference_compiled(benchmark, device):
     keep = _keep(B, N, n, False, device)
     fn = functools.partial(torch.compile(drop_token_gather_reference, fullgraph=True), x, keep, pos=pos)
     _run(benchmark, fn, device, x, keep, pos, "reference torch.compile")
+
+
+@pytest.mark.parametrize("per_sample", [False, True], ids=["shared", "per_sample"])
+@pytest.mark.parametrize("shape", ["tiny", "base"])
+def test_drop_token_gather_triton(benchmark, device, shape, per_sample):
+    if device.type != "cuda":
+        pytest.skip("the Triton kernel is timed on CUDA only (on the CPU it runs in the interpreter, see tests/)")
+    if not _dispatch.triton_available():
+        pytest.skip("triton is not installed")
+    B, N, D, n = _case(shape, device)
+    x = torch.randn(B, N, D, device=device)
+    pos = torch.randn(N, D, device=device)
+    keep = _keep(B, N, n, per_sample, device)
+    # The public function checks the indices (a host sync); time the core op it dispatches to.
+    checked = drop_token_gather(x, keep, pos=pos, impl="triton")
+    fn = functools.partial(torch.ops.vatt_fast.drop_token_gather, x, keep, pos)
+    torch.testing.assert_close(fn(), checked, rtol=0, atol=0)
+    _run(benchmark, fn, device, x, keep, pos, "triton (core op)")

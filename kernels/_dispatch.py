@@ -17,7 +17,6 @@ of the op's own file, so that importing ``vatt_fast.kernels`` is all it takes.
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 from typing import Callable, Dict, Optional
@@ -67,10 +66,13 @@ def get_triton(op: str) -> Callable:
     return _TRITON_OPS[op]
 
 
-@functools.lru_cache(maxsize=None)
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
-    """Whether the ``triton`` package is installed (checked once per process)."""
-    return importlib.util.find_spec("triton") is not None
+    """Whether the ``triton`` package is installed (checked once, at import; a plain constant
+    so that ``torch.compile`` traces :func:`resolve_impl` without a warning)."""
+    return _TRITON_INSTALLED
 
 
 def _interpreting() -> bool:
