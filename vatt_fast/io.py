@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator, Union
 
-__all__ = ["TMP_MARK", "atomic_path", "atomic_write", "fsync_dir", "fsync_path"]
+__all__ = ["TMP_MARK", "atomic_path", "atomic_write", "fsync_path"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 TMP_MARK = ".tmp-"  # every temporary name made here starts with it
@@ -39,11 +39,6 @@ def fsync_path(path: PathLike) -> None:
         pass
     finally:
         os.close(fd)
-
-
-def fsync_dir(path: PathLike) -> None:
-    """Flush a folder's entries (a rename into it) to disk."""
-    fsync_path(path)
 
 
 @contextlib.contextmanager
@@ -87,7 +82,7 @@ def atomic_path(final: PathLike, directory: bool = False) -> Iterator[Path]:
         else:
             fsync_path(tmp)
             os.replace(tmp, final)
-        fsync_dir(final.parent)
+        fsync_path(final.parent)  # the rename itself
     except BaseException:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -25,7 +25,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-from vatt_fast.checkpoint import find_latest, set_rng_state
+from vatt_fast.checkpoint import set_rng_state
 from vatt_fast.distributed import get_world_size, init_distributed, is_dist
 from vatt_fast.metrics import format_retrieval_table
 from vatt_fast.models.config import VATTConfig
@@ -96,7 +96,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args = parse_args(argv)
     resume = find_resume(args)  # fills the arguments a resumed run takes from its checkpoint
     config, device, data_dir = prepare(args, resume)
-    run = build_run(args, config, device, data_dir)
+    run = build_run(args, config, device, data_dir, resume)
     rng = restore(run, resume) if resume is not None else None
     if run.is_main:
         write_resolved_config(run.run_dir, args, config, data_dir)
@@ -114,11 +114,11 @@ def prepare(args: argparse.Namespace, resume: Optional[ResumePoint]) -> Tuple[VA
     before any expensive work: ``(model config, device, dataset folder)``."""
     args.preset = args.preset or "tiny"
     if args.data is not None:
-        check_data(dataset_dir(args.data), "train")
+        check_data(Path(args.data).expanduser(), "train")
     device = pick_device(args.device)
     init_distributed(device)
     world = get_world_size()
-    data_dir = dataset_dir(args.data)
+    data_dir = dataset_dir(args.data)  # the synthetic set (made by rank 0) when --data is not given
     args.data = str(data_dir)
     config = build_config(args, data_dir)
     fill_defaults(args, config)
@@ -132,13 +132,15 @@ def prepare(args: argparse.Namespace, resume: Optional[ResumePoint]) -> Tuple[VA
     return config, device, data_dir
 
 
-def build_run(args: argparse.Namespace, config: VATTConfig, device: torch.device, data_dir: Path) -> RunState:
+def build_run(
+    args: argparse.Namespace, config: VATTConfig, device: torch.device, data_dir: Path, resume: Optional[ResumePoint]
+) -> RunState:
     """The run folder and logging, then model (wrapped for DDP/FSDP, compiled), optimizer, loss and loaders."""
     world = get_world_size()
     precision = resolve_precision(args.precision, device)
     run_dir = make_run_dir(args)
     setup_logging(run_dir)
-    if args.resume == "auto" and find_latest(run_dir) is None:
+    if args.resume == "auto" and resume is None:
         log.info("--resume auto: no checkpoint in %s, starting a fresh run", run_dir)
     log.info("preset %s on %s (%s, world size %d), data %s, run folder %s", config.name, device, precision, world,
              data_dir, run_dir)  # fmt: skip
