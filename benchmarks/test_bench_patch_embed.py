@@ -1,4 +1,5 @@
-"""patch_embed benchmarks: the PyTorch reference, eager and under torch.compile.
+"""patch_embed benchmarks: the PyTorch reference, eager and under torch.compile, and the
+fused Triton kernel (CUDA only), forward alone and forward plus backward.
 
 Each benchmark first checks its output with STYLE.md's parity rule: the reference is
 ``F.conv3d`` / ``F.conv1d`` on the explicitly normalised input in float64, the comparator
@@ -18,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from bench_utils import assert_parity, device_name, inductor_error, record, time_it
 
-from vatt_fast.kernels.patch_embed import patch_embed_reference
+from vatt_fast.kernels._dispatch import triton_available
+from vatt_fast.kernels.patch_embed import patch_embed, patch_embed_reference
 from vatt_fast.models.config import get_config
 
 SCALE, SHIFT = 1.0 / 127.5, -1.0
@@ -140,3 +142,99 @@ def test_patch_embed_audio_reference_eager(benchmark, device, shape):
         benchmark, flops=2 * B * n * p * D, bytes_moved=B * n * p * 4 + p * D * 4 + n * D * 4 + B * n * D * 4,
         device=device_name(device), impl="reference eager", shape=f"B={B} S={S} p={p} D={D} tokens={n}/{N}",
     )
+
+
+# --------------------------------------------------------------------------------------
+# Forward + backward, over impl: what a training step runs
+# --------------------------------------------------------------------------------------
+# GPU: the medium preset (32 clips of 32x224x224x3 uint8, 4x16x16 tubelets, D=1024, DropToken 0.5;
+# audio 153,600 samples in 128-sample segments, D=768) under bf16 autocast, fp32 parameters, as
+# the trainer runs it. CPU: the tiny preset in fp32 (the Triton case is CUDA only: the
+# interpreter is a correctness tool, not a speed one).
+FWD_BWD_IMPLS = ["reference_eager", "reference_compiled", "triton"]
+
+
+def _fwd_bwd_case(kind: str, device: torch.device):
+    on_gpu = device.type == "cuda"
+    cfg = get_config("medium" if on_gpu else "tiny")
+    B = 32
+    if kind == "video":
+        t, h, w = cfg.video_patch
+        D = cfg.video_encoder.dim
+        shape = (B, cfg.num_frames, cfg.frame_size, cfg.frame_size, 3)
+        x = torch.randint(0, 256, shape, dtype=torch.uint8, device=device)
+        weight = torch.randn(D, 3, t, h, w, device=device) * 0.02
+        N = (shape[1] // t) * (shape[2] // h) * (shape[3] // w)
+        affine = dict(scale=SCALE, shift=SHIFT)
+        desc = f"B={B} {shape[1]}x{shape[2]}x{shape[3]}x3 uint8 patch={(t, h, w)} D={D}"
+    else:
+        p, D, S = cfg.audio_patch, cfg.audio_encoder.dim, cfg.audio_samples
+        x = torch.randn(B, S, device=device)
+        weight = torch.randn(D, 1, p, device=device) * 0.05
+        N = S // p
+        affine = {}
+        desc = f"B={B} S={S} fp32 patch={p} D={D}"
+    bias = torch.randn(D, device=device) * 0.1
+    pos = torch.randn(N, D, device=device) * 0.02
+    keep = torch.randperm(N, device=device)[: max(1, int(N * (1 - cfg.drop_token)))]
+    dtype = torch.bfloat16 if on_gpu else torch.float32
+    return x, weight, bias, pos, keep, affine, dtype, f"{desc} tokens={keep.numel()}/{N} {str(dtype)[6:]}"
+
+
+def _fwd_bwd(fn, x, params, keep, affine, dtype, device):
+    """One forward and backward of ``fn`` (patch_embed-like) under autocast to ``dtype``; returns
+    the output and the parameter gradients."""
+    leaves = [t.detach().requires_grad_() for t in params]
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        out = fn(x, leaves[0], leaves[1], pos=leaves[2], keep=keep, **affine)
+    gen = torch.Generator(device=device).manual_seed(0)  # the same output gradient for every impl
+    grad_out = torch.randn(out.shape, generator=gen, device=device, dtype=torch.float32).to(out.dtype)
+    grads = torch.autograd.grad(out, leaves, grad_out)
+    return out, grads
+
+
+@pytest.mark.parametrize("impl", FWD_BWD_IMPLS)
+@pytest.mark.parametrize("kind", ["video", "audio"])
+def test_patch_embed_forward_backward(benchmark, device, kind, impl):
+    if impl == "triton" and (device.type != "cuda" or not triton_available()):
+        pytest.skip("the Triton kernel is benchmarked on CUDA only (the interpreter is not a speed measure)")
+    if impl == "reference_compiled":
+        reason = inductor_error(device)
+        if reason is not None:
+            pytest.skip(f"torch.compile (inductor) does not work on this machine: {reason}")
+    x, weight, bias, pos, keep, affine, dtype, desc = _fwd_bwd_case(kind, device)
+    params = (weight, bias, pos)
+    if impl == "reference_eager":
+        op = functools.partial(patch_embed, impl="reference")
+    elif impl == "reference_compiled":
+        op = torch.compile(functools.partial(patch_embed, impl="reference"), fullgraph=True)
+    else:
+        op = functools.partial(patch_embed, impl="triton")
+
+    # Correctness first: output and weight/bias/pos gradients against float64 (STYLE.md's rule,
+    # plain = the eager reference in the same dtype and settings).
+    out, grads = _fwd_bwd(op, x, params, keep, affine, dtype, device)
+    plain, plain_grads = _fwd_bwd(functools.partial(patch_embed, impl="reference"), x, params, keep, affine, dtype, device)
+    xd = x if x.dtype == torch.uint8 else x.double()
+    ref, ref_grads = _fwd_bwd(functools.partial(patch_embed, impl="reference"), xd, [t.double() for t in params], keep,
+                              affine, torch.float32, device)
+    for name, a, p, r in zip(("out", "dweight", "dbias", "dpos"), (out,) + grads, (plain,) + plain_grads, (ref,) + ref_grads):
+        assert_parity(a, r, p, 1e-5 * r.abs().max().item(), f"{kind} {impl} {name}")
+    del out, grads, plain, plain_grads, ref, ref_grads
+
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    time_it(benchmark, lambda: _fwd_bwd(op, x, params, keep, affine, dtype, device), device,
+            rounds=20 if device.type == "cuda" else 3, warmup_rounds=3 if device.type == "cuda" else 1)
+    info = {}
+    if device.type == "cuda":
+        extra = torch.cuda.max_memory_allocated(device) - base
+        clip_low = x.numel() * torch.finfo(dtype).bits // 8  # a float copy of the clip in the compute dtype
+        info = dict(peak_extra_mb=round(extra / 2 ** 20, 1), peak_extra_over_float_clip=round(extra / clip_low, 3))
+    B, n = x.shape[0], keep.numel()
+    D, K = weight.shape[0], weight[0].numel()
+    # forward: 2*M*K*D; backward: dW 2*M*K*D (+ dX 2*M*K*D for float input); input bytes read per pass
+    flops = (3 if x.is_floating_point() else 2) * 2 * B * n * K * D
+    record(benchmark, flops=flops, device=device_name(device), impl=impl, shape=desc, **info)

@@ -81,8 +81,8 @@ def _interpreting() -> bool:
 
 def _missing_triton_message(op: str) -> str:
     return (
-        f"impl='triton' was requested for {op}, but no Triton kernel is registered for it: "
-        f"the Triton kernel for {op} lands in a later release; use impl='reference' or 'auto' "
+        f"impl='triton' was requested for {op}, but no Triton kernel is registered for it "
+        f"(ops with a Triton kernel: {sorted(_TRITON_OPS)}); use impl='reference' or 'auto' "
         f"(or unset {ENV_VAR}, or set it to 'auto' or 'reference')"
     )
 

@@ -65,8 +65,9 @@ def _shape(t: torch.Tensor) -> Tuple[int, ...]:
 def check_keep(keep: Optional[torch.Tensor], batch: int, num_tokens: int, device: torch.device, what: str) -> None:
     """Validate a DropToken index tensor: ``None``, ``[N_keep]`` or ``[B, N_keep]`` integers in ``[0, N)``.
 
-    The range check reads the indices back (a device sync); it is skipped while
-    ``torch.compile`` traces.
+    The range check reads the indices back on the CPU in eager mode (``ValueError`` naming the
+    index); on an accelerator and under ``torch.compile`` it is ``torch._assert_async`` (no host
+    sync, no graph break), which fails at the next synchronising call with a ``RuntimeError``.
     """
     if keep is None:
         return
@@ -92,7 +93,9 @@ def check_keep(keep: Optional[torch.Tensor], batch: int, num_tokens: int, device
             f"{what}: keep must be [N_keep] (shared by the batch) or [B, N_keep] (per sample), "
             f"got shape {_shape(keep)}"
         )
-    if keep.numel() and not torch.compiler.is_compiling():
+    if keep.numel() == 0:
+        return
+    if keep.device.type == "cpu" and not torch.compiler.is_compiling():
         lo, hi = (int(v) for v in torch.aminmax(keep))
         if lo < 0 or hi >= num_tokens:
             bad = lo if lo < 0 else hi
@@ -100,6 +103,13 @@ def check_keep(keep: Optional[torch.Tensor], batch: int, num_tokens: int, device
                 f"{what}: keep holds token index {bad} but there are {num_tokens} tokens; "
                 f"indices must lie in [0, {num_tokens - 1}]"
             )
+        return
+    # On an accelerator, and while torch.compile traces: no host sync and no graph break. The
+    # check stays on the device; a bad index fails the next synchronising call with this message.
+    torch._assert_async(
+        ((keep >= 0) & (keep < num_tokens)).all(),
+        f"{what}: keep holds a token index outside [0, {num_tokens - 1}] ({num_tokens} tokens)",
+    )
 
 
 def select_tokens(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -164,7 +174,8 @@ def drop_token_gather(
     Args:
         x: tokens ``[B, N, D]``.
         keep: int64 (or int32) token indices, ``[N_keep]`` shared by the batch or ``[B, N_keep]``
-            per sample, each in ``[0, N)`` (checked here, with one host sync outside compile).
+            per sample, each in ``[0, N)`` (checked here: a ``ValueError`` on the CPU, an asynchronous
+            device assert on a GPU, with no host sync).
         pos: optional position embedding ``[N, D]``; ``pos[keep[j]]`` is added to token ``j``
             (cast to ``x``'s dtype; the Triton kernel adds in fp32 and rounds once).
         impl: ``"auto"``, ``"triton"``, ``"reference"`` or ``None`` for ``$VATT_FAST_KERNELS``.

@@ -7,10 +7,13 @@ the comparison with eager is about the trace, not about a code generator; DropTo
 ``randperm`` draws from the global RNG in both, so seeding both runs alike gives the same draw.
 """
 
+import importlib
+
 import pytest
 import torch
 from test_models import _batch
 
+from vatt_fast.kernels._dispatch import triton_available
 from vatt_fast.models import create_model, get_config
 from vatt_fast.nn.losses import VATTLoss
 
@@ -33,17 +36,32 @@ def _loss_and_grads(step, model, loss_fn, batch, seed):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+def _triton_device():
+    """Where the Triton kernels run here: CUDA (compiled, Inductor) or the CPU (interpreter)."""
+    if not triton_available():
+        pytest.skip("triton is not installed")
+    if torch.cuda.is_available():
+        return torch.device("cuda"), "inductor"
+    if not importlib.import_module("vatt_fast.kernels.patch_embed").INTERPRETING:
+        pytest.skip("no CUDA device and TRITON_INTERPRET is not set")
+    return torch.device("cpu"), "aot_eager"
+
+
 @pytest.mark.slow
-def test_compile_fullgraph_train_step_matches_eager():
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+def test_compile_fullgraph_train_step_matches_eager(impl):
+    """Reference kernels on the CPU; the Triton kernels on CUDA with Inductor (the interpreter on a
+    CPU-only machine, where the ops are opaque custom ops)."""
+    device, backend = (torch.device("cpu"), "aot_eager") if impl == "reference" else _triton_device()
     cfg = get_config("tiny")
     torch.manual_seed(0)
-    model = create_model("tiny").train().set_kernel_impl("reference")
+    model = create_model("tiny").train().set_kernel_impl(impl).to(device)
     assert cfg.drop_token > 0  # DropToken's random draw is part of the traced graph
     loss_fn = VATTLoss(gather=False, impl="reference")
-    batch = _batch(cfg, B=3)
+    batch = {k: v.to(device) for k, v in _batch(cfg, B=3).items()}
 
     eager_loss, eager_grads = _loss_and_grads(_step, model, loss_fn, batch, seed=123)
-    compiled = torch.compile(_step, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(_step, fullgraph=True, backend=backend)
     loss, grads = _loss_and_grads(compiled, model, loss_fn, batch, seed=123)
 
     torch.testing.assert_close(loss, eager_loss, rtol=RTOL, atol=ATOL)

@@ -13,6 +13,7 @@ on CUDA cuDNN runs that convolution in TF32 by default, and the bound admits exa
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import pytest
@@ -22,7 +23,9 @@ from torch import nn
 
 from embed_helpers import gather_tokens, random_video
 from parity import assert_parity
+from vatt_fast.kernels import _dispatch
 from vatt_fast.kernels.patch_embed import patch_embed
+from vatt_fast.models import create_model
 from vatt_fast.nn.embed import (
     AudioPatchEmbed,
     DropToken,
@@ -249,16 +252,40 @@ def test_video_patch_embed_bad_inputs(override, message):
         layer(**args)
 
 
-def test_impl_triton_and_invalid_impl():
-    layer = VideoPatchEmbed(patch_size=(2, 8, 8), embed_dim=8, grid_size=(1, 1, 1), impl="triton")
-    with pytest.raises(NotImplementedError, match="patch_embed lands in a later release"):
-        layer(torch.zeros(1, 2, 8, 8, 3, dtype=torch.uint8))
-    with pytest.raises(NotImplementedError, match="lands in a later release"):
-        AudioPatchEmbed(patch_size=4, embed_dim=8, num_patches=2, impl="triton")(torch.zeros(1, 8))
+def test_impl_is_resolved_when_the_layer_is_built_or_switched(monkeypatch):
+    """``impl=None`` reads ``$VATT_FAST_KERNELS`` once, at build (or ``set_kernel_impl``), never in forward."""
+    monkeypatch.setenv("VATT_FAST_KERNELS", "reference")
+    layers = [VideoPatchEmbed(impl=None), AudioPatchEmbed(impl=None), DropToken(impl=None)]
+    assert [m.impl for m in layers] == ["reference"] * 3
+    monkeypatch.setenv("VATT_FAST_KERNELS", "triton")  # later changes do not reach built layers
+    assert [m.impl for m in layers] == ["reference"] * 3
+    assert VideoPatchEmbed(impl="auto").impl == "auto"
+    model = create_model("tiny", vocab_size=20).set_kernel_impl(None)
+    assert {m.impl for m in model.modules() if hasattr(m, "impl") and isinstance(m, (VideoPatchEmbed, DropToken))} == {"triton"}
+    monkeypatch.delenv("VATT_FAST_KERNELS")
+    assert VideoPatchEmbed(impl=None).impl == "auto"
     with pytest.raises(ValueError, match=r"impl='cuda' is not one of"):
         VideoPatchEmbed(impl="cuda")
     with pytest.raises(ValueError, match=r"impl='fast'"):
         DropToken(impl="fast")
+    with pytest.raises(ValueError, match=r"impl='fast'"):
+        model.set_kernel_impl("fast")
+
+
+def test_layers_with_the_triton_impl_match_the_reference(device):
+    """The layers run the Triton kernels with impl="triton" (the interpreter on a CPU machine)."""
+    pe = importlib.import_module("vatt_fast.kernels.patch_embed")
+    if not _dispatch.triton_available() or (device.type == "cpu" and not pe.INTERPRETING):
+        pytest.skip("needs Triton on CUDA, or TRITON_INTERPRET=1 on the CPU")
+    video = VideoPatchEmbed(patch_size=(2, 8, 8), embed_dim=24, grid_size=(2, 2, 2), impl="triton").to(device)
+    audio = AudioPatchEmbed(patch_size=4, embed_dim=12, num_patches=6, impl="triton").to(device)
+    x = torch.randint(0, 256, (2, 4, 16, 16, 3), dtype=torch.uint8, device=device)
+    wave = torch.randn(2, 24, device=device)
+    keep = torch.tensor([5, 0, 2], device=device)
+    for layer, inp in ((video, x), (audio, wave)):
+        out = layer(inp, keep=keep)
+        layer.impl = "reference"
+        torch.testing.assert_close(out, layer(inp, keep=keep), rtol=1e-5, atol=1e-5)
 
 
 # --------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from vatt_fast.nn._init import trunc_normal_
 from vatt_fast.nn.attention import RelativePositionBias, set_attention_backend
-from vatt_fast.nn.embed import AudioPatchEmbed, DropToken, TextEmbed, VideoPatchEmbed
+from vatt_fast.nn.embed import AudioPatchEmbed, DropToken, TextEmbed, VideoPatchEmbed, resolve_layer_impl
 from vatt_fast.nn.heads import CommonSpaceHeads
 from vatt_fast.nn.transformer import Encoder
 
@@ -244,10 +244,15 @@ class VATT(nn.Module):
         return self
 
     def set_kernel_impl(self, impl: Optional[str]) -> "VATT":
-        """Use kernel ``impl`` (auto, triton, reference; None = $VATT_FAST_KERNELS) in every fused op."""
+        """Use kernel ``impl`` (auto, triton, reference) in every fused op of the model.
+
+        ``None`` takes the process default from ``$VATT_FAST_KERNELS`` now (``auto`` when unset):
+        the choice is made here, never inside a traced forward.
+        """
+        resolved = resolve_layer_impl(impl)
         for m in self.modules():
             if isinstance(m, (VideoPatchEmbed, AudioPatchEmbed, DropToken)):
-                m.impl = impl
+                m.impl = resolved
         return self
 
     # --- forward --------------------------------------------------------------------

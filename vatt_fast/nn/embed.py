@@ -23,20 +23,32 @@ import torch.nn.functional as F
 from torch import nn
 
 from vatt_fast.kernels import IMPLS
+from vatt_fast.kernels._dispatch import default_impl
 from vatt_fast.kernels.drop_token_gather import drop_token_gather
 from vatt_fast.kernels.patch_embed import patch_embed
 
 from ._init import trunc_normal_
 
-__all__ = ["AudioPatchEmbed", "DropToken", "check_word_ids", "num_kept_tokens", "TextEmbed", "VideoPatchEmbed", "interpolate_pos_table", "trunc_normal_pos_"]
+__all__ = ["AudioPatchEmbed", "DropToken", "check_word_ids", "num_kept_tokens", "TextEmbed", "VideoPatchEmbed", "interpolate_pos_table", "resolve_layer_impl", "trunc_normal_pos_"]
 
 PixelAffine = Union[None, float, Sequence[float]]
 
 
-def _check_impl(impl: Optional[str]) -> Optional[str]:
-    if impl is not None and impl not in IMPLS:
+def resolve_layer_impl(impl: Optional[str]) -> str:
+    """A layer's kernel implementation, fixed when the layer is built or switched.
+
+    ``None`` takes the process default (``$VATT_FAST_KERNELS``, ``auto`` when unset) now, so a
+    traced forward never reads the environment. ``"auto"`` stays ``"auto"``: the device of each
+    call still decides between Triton (CUDA) and the reference.
+    """
+    if impl is None:
+        return default_impl()
+    if impl not in IMPLS:
         raise ValueError(f"impl={impl!r} is not one of {list(IMPLS)} (or None for $VATT_FAST_KERNELS)")
     return impl
+
+
+
 
 
 def _triple(value: Union[int, Sequence[int]], name: str) -> Tuple[int, int, int]:
@@ -93,8 +105,8 @@ class VideoPatchEmbed(nn.Module):
         grid_size: ``(Tp, Hp, Wp)`` the position tables are learned for
             (VATT: 32 frames of 224x224 with 4x16x16 tubelets -> ``(8, 14, 14)``).
         pixel_scale, pixel_shift: per-channel affine on the raw input, ``None`` to skip.
-        impl: kernel implementation (``"auto"``, ``"triton"``, ``"reference"``, ``None`` =
-            ``$VATT_FAST_KERNELS``).
+        impl: kernel implementation (``"auto"``, ``"triton"``, ``"reference"``; ``None`` =
+            ``$VATT_FAST_KERNELS``, read when the layer is built).
 
     Shapes:
         forward(x ``[B, T, H, W, C]`` uint8 or float, keep ``None`` | ``[N_keep]`` | ``[B, N_keep]``)
@@ -119,7 +131,7 @@ class VideoPatchEmbed(nn.Module):
             raise ValueError(f"patch_size {self.patch_size} and grid_size {self.grid_size} must be positive")
         self.in_chans = int(in_chans)
         self.embed_dim = int(embed_dim)
-        self.impl = _check_impl(impl)
+        self.impl = resolve_layer_impl(impl)
         self.proj = nn.Conv3d(self.in_chans, self.embed_dim, kernel_size=self.patch_size, stride=self.patch_size)
         Tp, Hp, Wp = self.grid_size
         self.pos_embed_t = nn.Parameter(torch.empty(Tp, self.embed_dim))
@@ -218,7 +230,8 @@ class AudioPatchEmbed(nn.Module):
         patch_size: samples per token ``p`` (VATT: 128 at 48 kHz).
         embed_dim: token width ``D``.
         num_patches: tokens the position table is learned for (VATT: 3.2 s at 48 kHz -> 1200).
-        impl: kernel implementation (``"auto"``, ``"triton"``, ``"reference"``, ``None``).
+        impl: kernel implementation (``"auto"``, ``"triton"``, ``"reference"``; ``None`` =
+            ``$VATT_FAST_KERNELS``, read when the layer is built).
 
     Shapes:
         forward(wave ``[B, S]`` float, keep ``None`` | ``[N_keep]`` | ``[B, N_keep]``)
@@ -234,7 +247,7 @@ class AudioPatchEmbed(nn.Module):
         self.patch_size = int(patch_size)
         self.embed_dim = int(embed_dim)
         self.num_patches = int(num_patches)
-        self.impl = _check_impl(impl)
+        self.impl = resolve_layer_impl(impl)
         self.proj = nn.Conv1d(1, self.embed_dim, kernel_size=self.patch_size, stride=self.patch_size)
         self.pos_embed = nn.Parameter(torch.empty(self.num_patches, self.embed_dim))
         trunc_normal_pos_(self.pos_embed, std=0.02)
@@ -422,7 +435,8 @@ class DropToken(nn.Module):
     Args:
         rate: fraction of tokens dropped, in ``[0, 1)`` (VATT: 0.5).
         per_sample: one draw per sample instead of one per batch.
-        impl: kernel implementation for the gather (``"auto"``, ``"triton"``, ``"reference"``, ``None``).
+        impl: kernel implementation for the gather (``"auto"``, ``"triton"``, ``"reference"``; ``None``
+            = ``$VATT_FAST_KERNELS``, read when the layer is built).
 
     Shapes:
         forward(x ``[B, N, D]``) -> (``[B, N_keep, D]``, keep ``[N_keep]`` or ``[B, N_keep]``)
@@ -435,7 +449,7 @@ class DropToken(nn.Module):
             raise ValueError(f"DropToken rate must be in [0, 1), got {rate}; 0 disables it")
         self.rate = float(rate)
         self.per_sample = bool(per_sample)
-        self.impl = _check_impl(impl)
+        self.impl = resolve_layer_impl(impl)
 
     def num_kept(self, num_tokens: int) -> int:
         """Tokens kept out of ``num_tokens`` in training: ``max(1, floor(N * (1 - rate)))``."""
