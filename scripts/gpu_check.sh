@@ -114,6 +114,33 @@ part() {
   tail -n 1 "$OUT/$name.log" | tee -a "$OUT/results.md"
 }
 
+# 0. The card's ceilings: a 1 GiB copy (GB/s, read + write) and an 8192^3 bf16 product (TFLOP/s),
+#    the denominators of the summary's "of ceiling" column.
+if [ "$DRY_RUN" != 1 ]; then
+  timeout -k 5 60 $PY - "$OUT/ceilings.json" <<'PYEOF' 2>&1 | tee -a "$OUT/results.md"
+import json, sys, torch
+dev = torch.device("cuda")
+def best_ms(fn, reps=20):
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record(); fn(); b.record(); torch.cuda.synchronize()
+        times.append(a.elapsed_time(b))
+    return min(times)
+src = torch.empty(2 ** 30, dtype=torch.uint8, device=dev); dst = torch.empty_like(src)
+copy_gbps = 2 * src.numel() / best_ms(lambda: dst.copy_(src)) / 1e6
+del src, dst
+n = 8192
+a = torch.randn(n, n, device=dev, dtype=torch.bfloat16); b = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
+bf16_tflops = 2 * n ** 3 / best_ms(lambda: a @ b) / 1e9
+res = dict(device=torch.cuda.get_device_name(), copy_gbps=round(copy_gbps, 1), bf16_tflops=round(bf16_tflops, 1))
+json.dump(res, open(sys.argv[1], "w"))
+print(f"## ceilings: {res}")
+PYEOF
+fi
+
 # 1. Training step: bf16 base and medium at batch 32 and 64 (fast path), reference at 32;
 #    each case checks loss and gradients against float64 before it is timed.
 part train_step "$TRAIN_TIMEOUT" benchmarks/test_bench_train_step.py -k cuda --benchmark-only
@@ -126,6 +153,9 @@ figures "$OUT/benchmarks.jsonl" | tee -a "$OUT/results.md"
 # 3. The CUDA-parametrised tests (modules whose optional packages are missing are reported
 #    as collection errors; the others still run).
 part tests "$TESTS_TIMEOUT" tests -k cuda -m "not distributed" --continue-on-collection-errors
+
+say ""
+$PY scripts/gpu_summary.py "$OUT" | tee -a "$OUT/results.md"
 
 say ""
 say "total $((SECONDS - START)) s; $([ $FAILED = 0 ] && echo 'every part passed' || echo 'SOME PART FAILED')"
