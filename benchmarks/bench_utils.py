@@ -75,6 +75,22 @@ def time_it(benchmark: Any, fn: Callable[[], Any], device: torch.device, rounds:
     return benchmark.pedantic(run, rounds=rounds, iterations=1, warmup_rounds=warmup_rounds)
 
 
+def peak_extra_mb(fn: Callable[[], Any], device: torch.device) -> Optional[float]:
+    """Peak device memory one call of ``fn`` allocates beyond what is live before it, in MiB
+    (its output included); ``None`` on the CPU, whose allocator torch does not track."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    sync(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    out = fn()
+    sync(device)
+    extra = torch.cuda.max_memory_allocated(device) - base
+    del out
+    return round(extra / 2 ** 20, 2)
+
+
 def seconds(benchmark: Any) -> Optional[float]:
     """Median seconds per call, or None when timing is off (``--benchmark-disable``)."""
     stats = getattr(benchmark, "stats", None)
