@@ -378,15 +378,21 @@ def test_kernels_flag_reaches_every_fused_op(tiny_data, tmp_path, stable_adam, e
 
 
 @pytest.mark.slow
-def test_compile_runs_compiled_graphs_and_matches_eager(tiny_data, tmp_path, stable_adam, eager_reference, monkeypatch):
+@pytest.mark.parametrize("scope", ["model", "blocks"])
+def test_compile_runs_compiled_graphs_and_matches_eager(tiny_data, tmp_path, stable_adam, eager_reference, monkeypatch, scope):
     from torch._dynamo.utils import counters
+
+    from vatt_fast.nn.transformer import Block
 
     counters.clear()
     rec = _Recorder(hooks=False).install(monkeypatch)
     # aot_eager traces forward and backward as inductor does, without the C++ compile (minutes on 2 cores).
-    argv = train_argv(tiny_data, tmp_path / "r", 3, 4, *_BASE, "--config", stable_adam, "--compile", "--compile-backend", "aot_eager")
+    argv = train_argv(tiny_data, tmp_path / "r", 3, 4, *_BASE, "--config", stable_adam, "--compile", "--compile-backend",
+                      "aot_eager", "--compile-scope", scope)
     main(argv)
     assert counters["stats"]["unique_graphs"] > 0, dict(counters["stats"])
+    blocks = [m for m in rec.models[0].modules() if isinstance(m, Block)]
+    assert blocks and all((m._compiled_call_impl is not None) == (scope == "blocks") for m in blocks)
     assert counters["aot_autograd"]["total"] > 0, dict(counters["aot_autograd"])  # forward and backward graphs
     _assert_matches_eager([r["loss"] for r in read_rows(tmp_path / "r")], eager_reference["loss"])
     _assert_weights_moved(rec.initial, _final_weights(tmp_path / "r", 3))

@@ -61,6 +61,7 @@ from vatt_fast.training.setup import (
     build_model,
     build_optimizer,
     check_data,
+    compile_model,
     dataset_dir,
     resolve_peak_flops,
     wrap_model,
@@ -150,7 +151,7 @@ def build_run(
         raw_model = model  # state dicts and evaluation go through the sharded module
     optimizer = build_optimizer(model, args, config, device)
     if args.compile:
-        model.compile(backend=args.compile_backend)
+        compile_model(model, raw_model, args.compile_scope, args.compile_backend)
     train_loader, eval_loader = build_loaders(args, config, data_dir, device, world)
     return RunState(args=args, config=config, model=model, raw_model=raw_model, loss_fn=build_loss(args, config),
                     optimizer=optimizer, device=device, precision=precision, world_size=world, run_dir=run_dir,

@@ -72,6 +72,9 @@ FLAGS: Tuple[Flag, ...] = (
     _flag("--precision", default="auto", choices=PRECISIONS, help="auto: bf16 autocast on CUDA, fp32 on CPU"),
     _flag("--device", default="auto", choices=DEVICES, help="auto: CUDA when available (cuda:LOCAL_RANK under torchrun)"),
     _flag("--compile", action="store_true", help="torch.compile the model"),
+    _flag("--compile-scope", default="model", choices=("model", "blocks"), help="with --compile: the whole model "
+          "(one graph per forward) or each Transformer block on its own (regional: one short compile reused by every "
+          "block of a shape; the glue between blocks runs eagerly)"),
     _flag("--compile-backend", default="inductor", help="torch.compile backend with --compile (inductor; aot_eager or "
           "eager to debug a compile problem)"),
     _flag("--activation-checkpointing", action="store_true", help="recompute each Transformer block in backward"),
@@ -101,23 +104,32 @@ FLAGS: Tuple[Flag, ...] = (
 _BY_DEST = {f.dest: f for f in FLAGS}
 
 
-def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
+_PROG = "python -m vatt_fast.train"
+_DESCRIPTION = (
+    "Train VATT (video-audio-text Transformers) with contrastive losses. "
+    "No arguments: the tiny preset on the built-in synthetic dataset, ending with a retrieval score."
+)
+
+
+def build_parser(
+    suppress_defaults: bool = False,
+    flags: Sequence[Flag] = FLAGS,
+    prog: str = _PROG,
+    description: str = _DESCRIPTION,
+) -> argparse.ArgumentParser:
     """The trainer's argument parser (defaults of ``None`` are filled from the preset).
 
     Args:
         suppress_defaults: leave flags that were not given out of the namespace (used to
             find which flags a user set).
+        flags: the flag table (another entry point, e.g. ``vatt_fast.finetune``, passes its own).
+        prog, description: what ``--help`` shows.
     """
-    p = argparse.ArgumentParser(
-        prog="python -m vatt_fast.train",
-        description="Train VATT (video-audio-text Transformers) with contrastive losses. "
-        "No arguments: the tiny preset on the built-in synthetic dataset, ending with a retrieval score.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    p = argparse.ArgumentParser(prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--config", default=None, help="YAML or JSON file of argument values (keys as the flags, '-' or "
                    "'_'; an optional 'model' mapping overrides model config fields); flags given on the command "
                    "line win")  # fmt: skip
-    for flag in FLAGS:
+    for flag in flags:
         kwargs = dict(flag.kwargs)
         if suppress_defaults:
             kwargs["default"] = argparse.SUPPRESS
@@ -125,11 +137,12 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     return p
 
 
-def load_config_file(path: str) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+def load_config_file(path: str, flags: Sequence[Flag] = FLAGS) -> Tuple[Dict[str, Any], Dict[str, Any]]:
     """Read a ``--config`` file: ``(flag values by dest, model config overrides)``.
 
-    Keys may use ``-`` or ``_``; each value is converted and checked as its flag would be.
+    Keys may use ``-`` or ``_``; each value is converted and checked as its flag (of ``flags``) would be.
     """
+    by_dest = _BY_DEST if flags is FLAGS else {f.dest: f for f in flags}
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"--config {path!r} does not exist; pass a YAML or JSON file of flag values")
@@ -143,9 +156,9 @@ def load_config_file(path: str) -> Tuple[Dict[str, Any], Dict[str, Any]]:
     values: Dict[str, Any] = {}
     for key, value in data.items():
         dest = str(key).replace("-", "_")
-        if dest not in _BY_DEST:
-            raise ValueError(f"--config {path!r}: unknown key {key!r}; valid keys: {sorted(_BY_DEST)} and 'model'")
-        kwargs = _BY_DEST[dest].kwargs
+        if dest not in by_dest:
+            raise ValueError(f"--config {path!r}: unknown key {key!r}; valid keys: {sorted(by_dest)} and 'model'")
+        kwargs = by_dest[dest].kwargs
         kind = kwargs.get("type")
         if value is not None and kind is not None and not isinstance(value, bool):
             value = kind(value)
@@ -155,12 +168,13 @@ def load_config_file(path: str) -> Tuple[Dict[str, Any], Dict[str, Any]]:
     return values, model
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+def parse_args(argv: Optional[Sequence[str]] = None, flags: Sequence[Flag] = FLAGS, **parser_kw: str) -> argparse.Namespace:
     """Parse ``argv`` (default ``sys.argv[1:]``), with ``--config`` values as defaults under the flags.
 
     The namespace has two extra fields: ``model`` (model config overrides from the config
     file's ``model`` mapping) and ``explicit`` (the flags the user set on the command line
     or in the config file; a resumed run takes the others from its checkpoint).
+    ``flags`` and ``parser_kw`` (``prog``, ``description``) go to :func:`build_parser`.
     """
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", default=None)
@@ -168,12 +182,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     file_values: Dict[str, Any] = {}
     model: Dict[str, Any] = {}
     if known.config:
-        file_values, model = load_config_file(known.config)
-    parser = build_parser()
+        file_values, model = load_config_file(known.config, flags)
+    parser = build_parser(flags=flags, **parser_kw)
     parser.set_defaults(**file_values)
     args = parser.parse_args(argv)
     args.model = model
-    given = set(vars(build_parser(suppress_defaults=True).parse_args(argv))) | set(file_values)
+    given = set(vars(build_parser(suppress_defaults=True, flags=flags, **parser_kw).parse_args(argv))) | set(file_values)
     args.explicit = sorted(given - {"config"})
     return args
 

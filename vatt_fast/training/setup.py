@@ -32,6 +32,7 @@ __all__ = [
     "build_model",
     "build_optimizer",
     "check_data",
+    "compile_model",
     "dataset_dir",
     "resolve_peak_flops",
     "wrap_model",
@@ -107,6 +108,23 @@ def wrap_model(model: nn.Module, args: argparse.Namespace, device: torch.device,
     return model
 
 
+def compile_model(model: nn.Module, raw_model: nn.Module, scope: str, backend: str) -> None:
+    """``torch.compile`` in place (``nn.Module.compile``): the module forward is called on
+    (``scope="model"``), or each Transformer :class:`Block` of ``raw_model`` on its own
+    (``scope="blocks"``, regional compilation: blocks of one shape share a compiled graph, so the
+    compile is short; DropToken, the heads and the loss stay eager)."""
+    if scope == "model":
+        model.compile(backend=backend)
+        return
+    if scope != "blocks":
+        raise ValueError(f"compile scope {scope!r} is not one of ['model', 'blocks']")
+    blocks = [m for m in raw_model.modules() if isinstance(m, Block)]
+    if not blocks:
+        raise ValueError("--compile-scope blocks: the model has no Transformer Block to compile; use --compile-scope model")
+    for block in blocks:
+        block.compile(backend=backend)
+
+
 def build_optimizer(model: nn.Module, args: argparse.Namespace, config: VATTConfig, device: torch.device) -> torch.optim.Optimizer:
     """AdamW with the preset's betas and eps; weight decay on matrices only; fused on CUDA."""
     decay, no_decay = [], []
@@ -136,13 +154,20 @@ def resolve_peak_flops(args: argparse.Namespace, device: torch.device, precision
 
 
 def build_loaders(
-    args: argparse.Namespace, config: VATTConfig, data_dir: Path, device: torch.device, world: int
+    args: argparse.Namespace,
+    config: VATTConfig,
+    data_dir: Path,
+    device: torch.device,
+    world: int,
+    train_spec: Optional[Dict[str, Any]] = None,
+    eval_spec: Optional[Dict[str, Any]] = None,
 ) -> Tuple[Any, Optional[Any]]:
     """``(train loader, eval loader or None)`` for this rank.
 
     The training loader is infinite and sharded by rank. The evaluation loader reads
     ``--eval-split`` (every rank reads all of it under FSDP, where every rank must run the
-    model); None, with a warning, when the dataset has no such split.
+    model); None, with a warning, when the dataset has no such split. ``train_spec`` and
+    ``eval_spec`` override the clip geometry of each (ClipSpec fields, e.g. ``frame_size``).
     """
     per_rank = args.batch_size // world
     loader = resolve_loader(args.loader)
@@ -151,14 +176,14 @@ def build_loaders(
     # device one batch ahead (vatt_fast.training.loop.DeviceBatches).
     loader_device = device if loader == "dali" else None
     common = dict(preset=config, backend=loader, num_workers=args.workers, seed=args.seed, device=loader_device)
-    train_loader = build_loader(data_dir, "train", per_rank, train=True, drop_last=True, **common)
+    train_loader = build_loader(data_dir, "train", per_rank, train=True, drop_last=True, **common, **(train_spec or {}))
     ranks = {"rank": 0, "world_size": 1} if args.fsdp else {}
     try:
         if not read_manifest(data_dir, split=args.eval_split):
-            log.warning("no %r split in %s: skipping retrieval evaluation (set --eval-split)", args.eval_split, data_dir)
+            log.warning("no %r split in %s: skipping evaluation (set --eval-split)", args.eval_split, data_dir)
             return train_loader, None
         eval_loader = build_loader(data_dir, args.eval_split, args.eval_batch_size or per_rank, train=False,
-                                   drop_last=False, **ranks, **common)  # fmt: skip
+                                   drop_last=False, **ranks, **common, **(eval_spec or {}))  # fmt: skip
     except ValueError as e:
         log.warning("no evaluation loader: %s", e)
         eval_loader = None
