@@ -57,3 +57,10 @@ def grads_of(fn, *inputs):
     out = fn(*inputs)
     grads = torch.autograd.grad(out, inputs)
     return out.detach(), grads
+
+
+def normalized_inputs(b, k, d, dtype=torch.float32, device="cpu"):
+    """L2-normalised ``video [b, d]`` and ``text [b, k, d]`` (normalised in fp32, then rounded to ``dtype``)."""
+    video = F.normalize(torch.randn(b, d, device=device), dim=-1).to(dtype)
+    text = F.normalize(torch.randn(b, k, d, device=device), dim=-1).to(dtype)
+    return video, text

@@ -7,6 +7,7 @@ tested in ``test_kernel_nce.py``.
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import pytest
@@ -160,17 +161,36 @@ def test_bad_inputs_raise_with_shapes():
 
 
 def test_impl_dispatch(monkeypatch):
+    """Every impl gives the reference's loss; ``auto`` (the default) is the chunked path on the
+    CPU; Triton on CPU tensors needs the interpreter; unknown names raise at construction."""
+    from vatt_fast.kernels import _dispatch
+
+    nce_mod = importlib.import_module("vatt_fast.kernels.nce")
     video, text = torch.randn(5, 8), torch.randn(5, 3, 8)
     ref = mil_nce_reference(F.normalize(video, dim=-1), F.normalize(text, dim=-1))
-    with pytest.raises(NotImplementedError):
+    calls = []
+    real_chunked = nce_mod.mil_nce_chunked
+    monkeypatch.setattr(nce_mod, "mil_nce_chunked", lambda *a: calls.append("chunked") or real_chunked(*a))
+    for env in ("reference", "auto"):
+        monkeypatch.setenv("VATT_FAST_KERNELS", env)
+        torch.testing.assert_close(MILNCELoss()(video, text), ref.mean())
+    assert calls == ["chunked"]  # the default on the CPU
+    monkeypatch.delenv("VATT_FAST_KERNELS")
+    torch.testing.assert_close(MILNCELoss(impl="chunked")(video, text), ref.mean())
+    with pytest.raises(ValueError, match="impl='fast'"):
+        NCELoss(impl="fast")
+    if not _dispatch.triton_available():
+        with pytest.raises(NotImplementedError):
+            NCELoss(impl="triton")(video, text[:, 0])
+        return
+    if nce_mod.INTERPRETING:
+        torch.testing.assert_close(MILNCELoss(impl="triton")(video, text), ref.mean())
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="needs CUDA tensors"):
         NCELoss(impl="triton")(video, text[:, 0])
     monkeypatch.setenv("VATT_FAST_KERNELS", "triton")
-    with pytest.raises(NotImplementedError):
+    with pytest.raises(RuntimeError, match="needs CUDA tensors"):
         MILNCELoss()(video, text)
-    monkeypatch.setenv("VATT_FAST_KERNELS", "reference")
-    torch.testing.assert_close(MILNCELoss()(video, text), ref.mean())
-    monkeypatch.setenv("VATT_FAST_KERNELS", "auto")
-    torch.testing.assert_close(MILNCELoss(impl="auto")(video, text), ref.mean())
 
 
 def test_perfect_alignment_has_known_value():

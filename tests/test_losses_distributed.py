@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from parity import assert_parity
 from vatt_fast import distributed as vdist
 from vatt_fast.nn.losses import MILNCELoss, NCELoss, VATTLoss
 
@@ -27,6 +28,17 @@ JOIN_TIMEOUT_S = 150
 # fork starts in well under a second where spawn re-imports torch (~10 s on 2 cores);
 # the children only use the CPU and set one intra-op thread (libgomp is not fork-safe).
 START_METHOD = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+
+
+IMPLS = ("reference", "chunked", "triton")
+
+
+def _triton_runs_here() -> bool:
+    """Whether the Triton kernels can run on this machine's CPU tensors (the interpreter)."""
+    from vatt_fast.kernels import _dispatch
+    from vatt_fast.kernels import nce as nce_mod
+
+    return _dispatch.has_triton("mil_nce") and nce_mod.INTERPRETING
 
 
 def _make_data() -> dict:
@@ -78,6 +90,14 @@ def _worker(rank: int, init_file: str, data: dict, out_dir: str) -> None:
             audio,
             text,
         )
+
+        # Each implementation in fp32 (the kernels take no float64), with and without masks.
+        v32, a32, t32 = video.float(), audio.float(), text.float()
+        for impl in IMPLS:
+            if impl == "triton" and not _triton_runs_here():
+                continue
+            res[f"mil_{impl}"] = _grads(lambda v, t, i=impl: MILNCELoss(impl=i)(v, t, mask), v32, t32)
+            res[f"nce_{impl}"] = _grads(lambda v, a, i=impl: NCELoss(impl=i)(v, a), v32, a32)
 
         # all_gather_with_grad: y = gather(x); loss_r = sum(w_r * y); grad_x on rank r must
         # be sum over ranks r' of w_r'[rows of r].
@@ -213,3 +233,29 @@ def test_unequal_local_batches_raise_on_every_rank(dist_run):
     for res in results:
         assert res["unequal_error"] is not None
         assert "[2, 3]" in res["unequal_error"] and "drop_last" in res["unequal_error"]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("loss", ["mil", "nce"])
+def test_split_equals_single_process_over_impl(dist_run, impl, loss):
+    """fp32, each implementation: the two ranks' losses and input gradients against the
+    single-process loss over the double batch, with STYLE.md's parity rule (float64
+    reference, plain = the single-process fp32 reference)."""
+    data, results = dist_run
+    if f"{loss}_{impl}" not in results[0]:
+        pytest.skip("the Triton kernels run on CPU tensors only under TRITON_INTERPRET=1")
+    if loss == "mil":
+        def single(dtype):
+            fn = lambda v, t: MILNCELoss(impl="reference")(v, t, data["mask"])  # noqa: E731
+            return _grads(fn, data["video"].to(dtype), data["text"].to(dtype))
+    else:
+        def single(dtype):
+            return _grads(lambda v, a: NCELoss(impl="reference")(v, a), data["video"].to(dtype), data["audio"].to(dtype))
+    ref, plain = single(torch.float64), single(torch.float32)
+    names = ("loss", "video grad", "text grad" if loss == "mil" else "audio grad")
+    for r, res in enumerate(results):
+        sl = slice(r * B_LOCAL, (r + 1) * B_LOCAL)
+        for i, (name, got, rv, pv) in enumerate(zip(names, res[f"{loss}_{impl}"], ref, plain)):
+            if i > 0:
+                rv, pv = rv[sl], pv[sl]
+            assert_parity(got, rv, pv, 5e-6 if i == 0 else 1e-6, f"{impl} {loss} rank {r} {name}", plain_rtol=1e-3)

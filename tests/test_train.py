@@ -368,8 +368,9 @@ def test_kernels_flag_reaches_every_fused_op(tiny_data, tmp_path, stable_adam, e
     main(train_argv(tiny_data, tmp_path / "r", 3, 4, "--attention", "math", "--kernels", "auto", "--config", stable_adam))
     fused = [m for m in rec.models[0].modules() if isinstance(m, (VideoPatchEmbed, AudioPatchEmbed, DropToken))]
     assert fused and {m.impl for m in fused} == {"auto"}
-    # On the CPU, auto is the reference: the same numbers.
-    assert [r["loss"] for r in read_rows(tmp_path / "r")] == eager_reference["loss"]
+    # On the CPU, auto is the reference for the model's ops and the chunked NCE for the loss (the
+    # same sums in another order): the same numbers up to fp32 rounding.
+    _assert_matches_eager([r["loss"] for r in read_rows(tmp_path / "r")], eager_reference["loss"])
     # No Triton kernel runs on CPU tensors outside the interpreter, so --kernels triton must
     # refuse here (with the reason) rather than quietly run the reference.
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)

@@ -17,6 +17,11 @@ of ``N * b`` clips with respect to those rows. It does this by back-propagating 
 local part ``sum(local valid rows) / global valid count`` (the gather's backward
 all-reduces the candidates' gradients), while the returned value adds the other ranks'
 parts as a constant.
+
+Implementation (``impl``, see :mod:`vatt_fast.kernels.nce`): the default ``"auto"`` runs the
+fused Triton kernels on CUDA tensors and the chunked PyTorch path on the CPU, both with
+memory linear in the batch (no ``[B, N*K]`` similarity matrix); ``"reference"`` is the
+materialising plain PyTorch definition, ``"chunked"`` and ``"triton"`` force a path.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vatt_fast.distributed import all_gather_no_grad, all_gather_with_grad, all_reduce_value, get_world_size
-from vatt_fast.kernels.nce import DEFAULT_TAU, mil_nce
+from vatt_fast.kernels.nce import DEFAULT_TAU, MIL_NCE_IMPLS, mil_nce
 
 __all__ = ["MILNCELoss", "NCELoss", "VATTLoss"]
 
@@ -99,6 +104,8 @@ class _ContrastiveBase(nn.Module):
         super().__init__()
         self.tau = _check_tau(tau)
         self.gather = bool(gather)
+        if impl is not None and impl not in MIL_NCE_IMPLS:
+            raise ValueError(f"impl={impl!r} is not one of {list(MIL_NCE_IMPLS)} (or None for $VATT_FAST_KERNELS)")
         self.impl = impl
 
     def extra_repr(self) -> str:
@@ -124,8 +131,9 @@ class NCELoss(_ContrastiveBase):
     Args:
         tau: temperature (VATT: 0.07, fixed).
         gather: gather candidates from every rank when a process group is initialised.
-        impl: kernel implementation (``"reference"``, ``"triton"``, ``"auto"``, or None for
-            ``$VATT_FAST_KERNELS``), see :mod:`vatt_fast.kernels.nce`.
+        impl: kernel implementation: ``"auto"`` (Triton on CUDA, the chunked PyTorch path
+            elsewhere), ``"triton"``, ``"chunked"``, ``"reference"``, or None for
+            ``$VATT_FAST_KERNELS`` (default ``auto``); see :mod:`vatt_fast.kernels.nce`.
 
     Shape:
         - video: ``[B, D]``, audio: ``[B, D]`` (any float dtype; not normalised yet).
