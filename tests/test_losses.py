@@ -212,3 +212,15 @@ def test_distributed_helpers_outside_process_group():
     assert not torch.equal(reduced, x.detach())  # a copy, not a view
     with pytest.raises(ValueError, match="op must be one of"):
         vdist.all_reduce_value(x, op="prod")
+
+
+def test_loss_impl_is_resolved_when_built(monkeypatch):
+    """``impl=None`` reads ``$VATT_FAST_KERNELS`` once, when the loss is built."""
+    from vatt_fast.nn.losses import MILNCELoss, NCELoss, VATTLoss
+
+    monkeypatch.setenv("VATT_FAST_KERNELS", "reference")
+    losses = [NCELoss(), MILNCELoss(), VATTLoss()]
+    monkeypatch.setenv("VATT_FAST_KERNELS", "triton")
+    assert [losses[0].impl, losses[1].impl, losses[2].va.impl, losses[2].vt.impl] == ["reference"] * 4
+    monkeypatch.delenv("VATT_FAST_KERNELS")
+    assert NCELoss().impl == "auto" and NCELoss(impl="chunked").impl == "chunked"

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vatt_fast.distributed import all_gather_no_grad, all_gather_with_grad, all_reduce_value, get_world_size
+from vatt_fast.kernels._dispatch import default_impl
 from vatt_fast.kernels.nce import DEFAULT_TAU, MIL_NCE_IMPLS, mil_nce
 
 __all__ = ["MILNCELoss", "NCELoss", "VATTLoss"]
@@ -106,7 +107,8 @@ class _ContrastiveBase(nn.Module):
         self.gather = bool(gather)
         if impl is not None and impl not in MIL_NCE_IMPLS:
             raise ValueError(f"impl={impl!r} is not one of {list(MIL_NCE_IMPLS)} (or None for $VATT_FAST_KERNELS)")
-        self.impl = impl
+        # None takes the process default now, once, never inside a traced call.
+        self.impl = default_impl() if impl is None else impl
 
     def extra_repr(self) -> str:
         return f"tau={self.tau}, gather={self.gather}, impl={self.impl!r}"
