@@ -5,6 +5,8 @@ control flow on tensor values), so compiling at all is the no-graph-break check.
 ``aot_eager`` backend traces forward and backward (AOTAutograd) but runs the ops eagerly, so
 the comparison with eager is about the trace, not about a code generator; DropToken's
 ``randperm`` draws from the global RNG in both, so seeding both runs alike gives the same draw.
+With ``impl="triton"`` the Transformer stacks take the fused path (``dropout_add_layer_norm`` and
+``bias_gelu_dropout``), and the traced graph must contain those ops.
 """
 
 import importlib
@@ -12,6 +14,7 @@ import importlib
 import pytest
 import torch
 from test_models import _batch
+from torch._dynamo.testing import CompileCounterWithBackend
 
 from vatt_fast.kernels._dispatch import triton_available
 from vatt_fast.models import create_model, get_config
@@ -61,8 +64,14 @@ def test_compile_fullgraph_train_step_matches_eager(impl):
     batch = {k: v.to(device) for k, v in _batch(cfg, B=3).items()}
 
     eager_loss, eager_grads = _loss_and_grads(_step, model, loss_fn, batch, seed=123)
-    compiled = torch.compile(_step, fullgraph=True, backend=backend)
+    counter = CompileCounterWithBackend(backend)  # keeps the traced graphs
+    compiled = torch.compile(_step, fullgraph=True, backend=counter)
     loss, grads = _loss_and_grads(compiled, model, loss_fn, batch, seed=123)
+    code = "".join(gm.code for gm in counter.graphs)
+    for op in ("vatt_fast.dropout_add_layer_norm", "vatt_fast.bias_gelu_dropout"):  # the fused block ops
+        # 3 towers x (2 blocks x 2 + the final norm) fused LayerNorms; 3 x 2 MLPs
+        want = {"reference": 0, "triton": 15 if "layer_norm" in op else 6}[impl]
+        assert code.count(op + ".default(") == want, (op, code.count(op + ".default("))
 
     torch.testing.assert_close(loss, eager_loss, rtol=RTOL, atol=ATOL)
     assert grads.keys() == eager_grads.keys()
@@ -72,6 +81,9 @@ def test_compile_fullgraph_train_step_matches_eager(impl):
         "encoders.audio.patch_embed.pos_embed",
         "encoders.text.embed.word_embedding.weight",
         "encoders.text.backbone.blocks.0.attn.qkv.weight",
+        "encoders.video.backbone.blocks.0.mlp.fc1.bias",
+        "encoders.audio.backbone.blocks.1.norm1.weight",
+        "encoders.text.backbone.norm.bias",
         "heads.video_to_va.0.weight",
         "heads.text_to_vt.weight",
     ):

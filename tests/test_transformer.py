@@ -1,11 +1,18 @@
-"""Block against a hand-written timm ViT block, and the VATT Encoder."""
+"""Block against a hand-written timm ViT block, and the VATT Encoder; the fused path (``impl``) of
+Mlp, Block and Encoder against the module path."""
 
+import copy
+import importlib
+import inspect
 import math
 
 import pytest
 import torch
 from torch import nn
 
+from parity import assert_parity
+from vatt_fast.kernels._dispatch import triton_available
+from vatt_fast.kernels.layer_norm import dropout_keep_mask
 from vatt_fast.nn import transformer as transformer_mod
 from vatt_fast.nn.attention import Attention, RelativePositionBias, padding_mask_to_bias, set_attention_backend
 from vatt_fast.nn.transformer import Block, Encoder, Mlp
@@ -288,3 +295,241 @@ def test_encoder_state_dict_round_trip(device):
     expected = {"agg_token", "norm.weight", "norm.bias", "rel_pos.relative_attention_bias.weight"}
     assert expected <= set(enc.state_dict())
     assert {k.split(".", 2)[2] for k in enc.state_dict() if k.startswith("blocks.0.")} == set(TIMM_BLOCK_KEYS)
+
+
+# --------------------------------------------------------------------------------------
+# The fused path (impl="triton"): dropout_add_layer_norm + bias_gelu_dropout
+# --------------------------------------------------------------------------------------
+FUSED_ATOL = 1e-5  # fp32 floor of STYLE.md's parity rule (tests/parity.py)
+
+
+def _fused_device():
+    """Where the fused path runs here: CUDA (compiled kernels) or the CPU (Triton interpreter)."""
+    if not triton_available():
+        pytest.skip("triton is not installed")
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if not importlib.import_module("vatt_fast.kernels.layer_norm").INTERPRETING:
+        pytest.skip("no CUDA device and TRITON_INTERPRET is not set")
+    return torch.device("cpu")
+
+
+class SeededDropout(nn.Dropout):
+    """``nn.Dropout`` whose mask is the fused ops' for a fixed seed (``dropout_keep_mask``), so that the
+    module path replays the fused path's masks exactly (test only)."""
+
+    def __init__(self, p: float, seed: torch.Tensor) -> None:
+        super().__init__(p)
+        self.seed = seed
+
+    def forward(self, x):
+        if not self.training or self.p == 0:
+            return x
+        keep = dropout_keep_mask(self.seed, x.shape, self.p, device=x.device)
+        return x * keep.to(x.dtype) * (1.0 / (1.0 - self.p))
+
+
+def _record_seeds(monkeypatch):
+    """Make the fused path draw each dropout seed explicitly (from torch's generator, as the ops do
+    with seed=None) and record them in call order."""
+    seeds = []
+
+    def wrap(fn):
+        sig = inspect.signature(fn)
+
+        def wrapped(*args, **kwargs):
+            bound = sig.bind(*args, **kwargs)
+            bound.apply_defaults()
+            a = bound.arguments
+            if a["seed"] is None and a["dropout_p"] > 0 and a["training"]:
+                a["seed"] = torch.randint(0, 2**62, (1,)).to(a["x"].device)
+                seeds.append(a["seed"])
+            return fn(*bound.args, **bound.kwargs)
+
+        return wrapped
+
+    monkeypatch.setattr(transformer_mod, "dropout_add_layer_norm", wrap(transformer_mod.dropout_add_layer_norm))
+    monkeypatch.setattr(transformer_mod, "bias_gelu_dropout", wrap(transformer_mod.bias_gelu_dropout))
+    return seeds
+
+
+def _set_impl(module, impl):
+    for m in module.modules():
+        if isinstance(m, (Encoder, Block, Mlp)):
+            m.impl = impl
+    return module
+
+
+def _randomize_norms(module):
+    """LayerNorm affine away from ones/zeros, so wrong gradients of it show."""
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, nn.LayerNorm):
+                m.weight.add_(0.2 * torch.randn_like(m.weight))
+                m.bias.add_(0.2 * torch.randn_like(m.bias))
+    return module
+
+
+def _grads(module, inputs, gouts):
+    """Outputs, and the gradients of sum(out * g) in the input ``inputs[0]`` and every parameter."""
+    module.zero_grad(set_to_none=True)
+    x = inputs[0].detach().clone().requires_grad_()
+    outs = module(x, *inputs[1:])
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    sum((o * g.to(o.dtype)).sum() for o, g in zip(outs, gouts)).backward()
+    return outs, {"x": x.grad, **{n: p.grad for n, p in module.named_parameters()}}
+
+
+def _assert_fused_parity(fused, module_plain, inputs, gouts):
+    """STYLE.md's rule: the fused path's ``(outs, grads)`` (fp32, from :func:`_grads`) against the
+    module path in float64, the bound from the module path in fp32; outputs and the gradients of the
+    input and of every parameter."""
+    outs, grads = fused
+    plain, plain_grads = _grads(module_plain, inputs, gouts)
+    ref_module = copy.deepcopy(module_plain).double()
+    ref, ref_grads = _grads(ref_module, [t.double() if t.is_floating_point() else t for t in inputs], gouts)
+    assert len(outs) == len(ref)
+    for i, (o, p, r) in enumerate(zip(outs, plain, ref)):
+        assert o.dtype == p.dtype
+        assert_parity(o, r, p, FUSED_ATOL, name=f"output {i}")
+    assert grads.keys() == ref_grads.keys()
+    for name in grads:
+        assert grads[name] is not None, name
+        assert_parity(grads[name], ref_grads[name], plain_grads[name], FUSED_ATOL, name=f"d{name}")
+
+
+def test_attention_branch_is_attention_without_proj_drop():
+    """The fused path's copy of Attention.forward (minus proj_drop) must stay equal to it."""
+    attn = Attention(48, 2, attn_drop=0.0, proj_drop=0.3)
+    x, bias = torch.randn(2, 9, 48), torch.randn(1, 2, 9, 9)
+    torch.manual_seed(5)
+    out = attn(x, bias)
+    torch.manual_seed(5)
+    branch = transformer_mod._attention_branch(attn, x, bias)
+    torch.testing.assert_close(out, torch.nn.functional.dropout(branch, 0.3), rtol=0, atol=0)
+    attn.eval()
+    torch.testing.assert_close(attn(x, bias), transformer_mod._attention_branch(attn, x, bias), rtol=0, atol=0)
+
+
+def test_impl_is_resolved_at_build(monkeypatch):
+    monkeypatch.delenv("VATT_FAST_KERNELS", raising=False)
+    assert {m.impl for m in small_encoder().modules() if isinstance(m, (Encoder, Block, Mlp))} == {"auto"}
+    monkeypatch.setenv("VATT_FAST_KERNELS", "reference")
+    enc = small_encoder()
+    assert {m.impl for m in enc.modules() if isinstance(m, (Encoder, Block, Mlp))} == {"reference"}
+    monkeypatch.setenv("VATT_FAST_KERNELS", "triton")  # read at build, never inside forward
+    enc(torch.randn(1, 3, 96))
+    with pytest.raises(ValueError, match=r"impl='fused' is not one of \['auto', 'triton', 'reference'\]"):
+        Block(32, 2, impl="fused")
+
+
+def test_auto_on_cpu_runs_the_module_path(monkeypatch):
+    """impl='auto' off CUDA is exactly today's module path: the fused ops are not called."""
+    def fail(*args, **kwargs):
+        raise AssertionError("a fused op was called on the CPU with impl='auto'")
+
+    monkeypatch.setattr(transformer_mod, "dropout_add_layer_norm", fail)
+    monkeypatch.setattr(transformer_mod, "bias_gelu_dropout", fail)
+    enc = small_encoder(impl="auto").train()
+    enc(torch.randn(2, 5, 96))[0].sum().backward()
+    Block(32, 2, impl="auto")(torch.randn(1, 3, 32))
+
+
+@pytest.mark.parametrize("drop", [0.0, 0.2], ids=["p0", "p0.2"])
+def test_fused_mlp_and_block_match_module_path(monkeypatch, drop):
+    """Block and Mlp on the fused path against the module path with the same weights; with dropout,
+    the module path replays the fused path's masks (SeededDropout); odd widths, an attention bias."""
+    device = _fused_device()
+    seeds = _record_seeds(monkeypatch)
+    dim, hidden = 48, 100
+    block = _randomize_norms(Block(dim, 2, mlp_dim=hidden, drop=drop, impl="triton")).to(device).train()
+    block.mlp.drop2 = SeededDropout(drop, torch.randint(0, 2**62, (1,)).to(device))  # Block.forward's last add
+    x = torch.randn(2, 11, dim, device=device)
+    attn_bias = torch.randn(1, 2, 11, 11, device=device)
+    gouts = [torch.randn(2, 11, dim, device=device)]
+    plain = _set_impl(copy.deepcopy(block), "reference")
+    fused = _grads(block, [x, attn_bias], gouts)
+    assert len(seeds) == (2 if drop else 0)  # norm2 (the attention branch's dropout), bias_gelu (drop1)
+    if drop:
+        plain.attn.proj_drop = SeededDropout(drop, seeds[0])
+        plain.mlp.drop1 = SeededDropout(drop, seeds[1])
+    _assert_fused_parity(fused, plain, [x, attn_bias], gouts)
+
+    mlp, mlp_plain = block.mlp, plain.mlp  # the Mlp on its own
+    fused = _grads(mlp, [x], gouts)
+    if drop:
+        mlp_plain.drop1 = SeededDropout(drop, seeds[2])
+    _assert_fused_parity(fused, mlp_plain, [x], gouts)
+
+
+@pytest.mark.parametrize("drop", [0.0, 0.2], ids=["p0", "p0.2"])
+def test_fused_encoder_matches_module_path(monkeypatch, drop):
+    """The encoder's fused path (the pending branch carried into the next LayerNorm, the final norm
+    with prenorm=False) against the module path: relative position bias, padding with holes, odd
+    widths; with dropout, the module path replays each mask (three seeds per block, in call order)."""
+    device = _fused_device()
+    seeds = _record_seeds(monkeypatch)
+    enc = small_encoder(dim=48, depth=2, num_heads=2, mlp_dim=100, drop=drop, rel_pos_bias=True, impl="triton")
+    enc = _randomize_norms(enc).to(device).train()
+    x = torch.randn(2, 10, 48, device=device)
+    keep = torch.ones(2, 10, dtype=torch.bool, device=device)
+    keep[0, 3:6] = False
+    gouts = [torch.randn(2, 48, device=device), torch.randn(2, 11, 48, device=device)]
+    plain = _set_impl(copy.deepcopy(enc), "reference")
+    fused = _grads(enc, [x, keep], gouts)
+    assert len(seeds) == (6 if drop else 0)
+    if drop:
+        for i, blk in enumerate(plain.blocks):
+            blk.attn.proj_drop = SeededDropout(drop, seeds[3 * i])
+            blk.mlp.drop1 = SeededDropout(drop, seeds[3 * i + 1])
+            blk.mlp.drop2 = SeededDropout(drop, seeds[3 * i + 2])
+    _assert_fused_parity(fused, plain, [x, keep], gouts)
+
+
+def test_fused_state_dict_round_trip():
+    """The impl changes no parameter: state_dicts load across impls both ways, timm's block keys."""
+    device = _fused_device()
+    kw = dict(dim=48, depth=2, num_heads=2, mlp_dim=100, rel_pos_bias=True)
+    fused = _randomize_norms(small_encoder(impl="triton", **kw)).to(device).eval()
+    ref = small_encoder(impl="reference", **kw).to(device).eval()
+    assert list(fused.state_dict()) == list(ref.state_dict())
+    assert {k.split(".", 2)[2] for k in fused.state_dict() if k.startswith("blocks.0.")} == set(TIMM_BLOCK_KEYS)
+    x = torch.randn(2, 7, 48, device=device)
+    assert not torch.allclose(ref(x)[1], fused(x)[1])
+    ref.load_state_dict(fused.state_dict(), strict=True)
+    torch.testing.assert_close(ref(x)[1], fused(x)[1])
+    back = small_encoder(impl="triton", **kw).to(device).eval()
+    back.load_state_dict(ref.state_dict(), strict=True)
+    assert torch.equal(back(x)[1], fused(x)[1])
+
+
+def test_fused_encoder_grad_checkpointing(monkeypatch):
+    """Checkpointing on the fused path: one non-reentrant checkpoint per block, the recomputation
+    draws the same dropout seeds (checkpoint restores the RNG), so the same loss and gradients."""
+    device = _fused_device()
+    calls = []
+    real_checkpoint = transformer_mod.checkpoint
+
+    def counting_checkpoint(*args, **kwargs):
+        calls.append(kwargs.get("use_reentrant"))
+        return real_checkpoint(*args, **kwargs)
+
+    monkeypatch.setattr(transformer_mod, "checkpoint", counting_checkpoint)
+    enc = small_encoder(dim=48, depth=2, num_heads=2, mlp_dim=100, drop=0.2, attn_drop=0.1, rel_pos_bias=True,
+                        impl="triton").to(device).train()
+    x = torch.randn(2, 9, 48, device=device)
+    gouts = [torch.randn(2, 48, device=device), torch.randn(2, 10, 48, device=device)]
+
+    def run(checkpointing):
+        enc.set_grad_checkpointing(checkpointing)
+        torch.manual_seed(11)  # the same dropout seeds in both runs
+        return _grads(enc, [x], gouts)
+
+    (outs0, g0), (outs1, g1) = run(False), run(True)
+    assert calls == [False, False]
+    for a, b in zip(outs0, outs1):
+        assert torch.equal(a, b)
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], msg=name)
+    torch.manual_seed(12)
+    assert not torch.allclose(_grads(enc, [x], gouts)[1]["x"], g0["x"])  # the masks are live

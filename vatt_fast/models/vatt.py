@@ -27,7 +27,7 @@ from vatt_fast.nn._init import trunc_normal_
 from vatt_fast.nn.attention import RelativePositionBias, set_attention_backend
 from vatt_fast.nn.embed import AudioPatchEmbed, DropToken, TextEmbed, VideoPatchEmbed, resolve_layer_impl
 from vatt_fast.nn.heads import CommonSpaceHeads
-from vatt_fast.nn.transformer import Encoder
+from vatt_fast.nn.transformer import Block, Encoder, Mlp
 
 from .config import EncoderConfig, VATTConfig, get_config
 
@@ -244,14 +244,16 @@ class VATT(nn.Module):
         return self
 
     def set_kernel_impl(self, impl: Optional[str]) -> "VATT":
-        """Use kernel ``impl`` (auto, triton, reference) in every fused op of the model.
+        """Use kernel ``impl`` (auto, triton, reference) in every fused op of the model: the patch
+        embeddings, DropToken and the Transformer stacks (the fused residual + dropout + LayerNorm
+        and bias + GELU + dropout path of ``Encoder``, ``Block`` and ``Mlp``).
 
         ``None`` takes the process default from ``$VATT_FAST_KERNELS`` now (``auto`` when unset):
         the choice is made here, never inside a traced forward.
         """
         resolved = resolve_layer_impl(impl)
         for m in self.modules():
-            if isinstance(m, (VideoPatchEmbed, AudioPatchEmbed, DropToken)):
+            if isinstance(m, (VideoPatchEmbed, AudioPatchEmbed, DropToken, Encoder, Block, Mlp)):
                 m.impl = resolved
         return self
 

@@ -5,6 +5,28 @@
 state_dict loads into ``Block`` and gives the same output. ``Encoder`` prepends
 VATT's learned aggregation token, runs the blocks, applies a final LayerNorm, and
 returns the aggregation token's final state as the pooled feature.
+
+Each of ``Mlp``, ``Block`` and ``Encoder`` has an ``impl`` (``"auto"`` | ``"triton"`` |
+``"reference"``, fixed when built or set, ``None`` = ``$VATT_FAST_KERNELS``; as the layers of
+:mod:`.embed`). ``"reference"``, and ``"auto"`` off CUDA, run the plain module path. ``"triton"``,
+and ``"auto"`` on CUDA with Triton, run the fused path with the same parameters (state_dicts load
+either way), flash-attention's pre-LN ``Block`` pattern:
+
+- ``Mlp``: ``F.linear(x, fc1.weight)`` then :func:`~vatt_fast.kernels.bias_gelu.bias_gelu_dropout`
+  (``fc1.bias`` + exact GELU + ``drop1`` in one kernel), then ``fc2``.
+- ``Encoder``: each block takes and returns ``(x, pending)``, ``pending`` being the previous block's
+  ``fc2`` output not yet added; the residual add, its dropout and the next LayerNorm are one
+  :func:`~vatt_fast.kernels.layer_norm.dropout_add_layer_norm`::
+
+      y1, x = dropout_add_layer_norm(pending, x, norm1)   # block 0: y1 = norm1(x)
+      y2, x = dropout_add_layer_norm(attn(y1), x, norm2)  # attn without its proj_drop
+      pending = mlp(y2)                                    # fc2 output without drop2
+      ...
+      states = dropout_add_layer_norm(pending, x, norm, prenorm=False)  # the final norm
+
+Dropout masks of the fused path come from a fresh seed per op call (``torch.manual_seed``
+reproduces them; activation checkpointing restores them), not from ``nn.Dropout``; the
+modules' ``p`` values are still read from the ``nn.Dropout`` attributes.
 """
 
 from __future__ import annotations
@@ -12,13 +34,49 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from vatt_fast.kernels._dispatch import resolve_impl
+from vatt_fast.kernels.bias_gelu import bias_gelu_dropout
+from vatt_fast.kernels.layer_norm import MAX_TRITON_DIM, dropout_add_layer_norm
+
 from ._init import trunc_normal_
-from .attention import Attention, RelativePositionBias, padding_mask_to_bias
+from .attention import Attention, RelativePositionBias, attention, padding_mask_to_bias
+from .embed import resolve_layer_impl
 
 __all__ = ["Mlp", "Block", "Encoder", "init_weights"]
+
+
+def _fused(impl: str, x: Tensor) -> bool:
+    """Whether a layer with kernel ``impl`` runs the fused path for ``x``: ``"triton"`` always (the
+    ops raise where Triton cannot run, never falling back silently), ``"auto"`` on CUDA with Triton
+    and a width the LayerNorm kernel keeps in registers, ``"reference"`` never."""
+    if impl == "auto" and x.shape[-1] > MAX_TRITON_DIM:
+        return False
+    return (
+        resolve_impl(impl, x, op="dropout_add_layer_norm") == "triton"
+        and resolve_impl(impl, x, op="bias_gelu_dropout") == "triton"
+    )
+
+
+def _attention_branch(attn: Attention, x: Tensor, attn_bias: Optional[Tensor]) -> Tensor:
+    """``attn(x, attn_bias)`` without its output dropout ``proj_drop``, which the fused path applies
+    inside the next LayerNorm. Mirrors :meth:`Attention.forward` (a test holds them equal)."""
+    B, N, D = x.shape
+    qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim)  # (B, N, 3, H, head_dim)
+    q, k, v = qkv.unbind(2)  # each (B, N, H, head_dim)
+    dropout_p = attn.attn_drop.p if attn.training else 0.0
+    out = attention(q, k, v, attn_bias, dropout_p=dropout_p, scale=attn.scale, backend=attn.backend)
+    return attn.proj(out.reshape(B, N, D))  # (B, N, D)
+
+
+def _layer_norm_fused(norm: nn.LayerNorm, x: Tensor, residual: Optional[Tensor], p: float, training: bool,
+                      prenorm: bool):
+    """``dropout_add_layer_norm`` with ``norm``'s affine and epsilon, on the Triton kernel."""
+    return dropout_add_layer_norm(x, residual, norm.weight, norm.bias, dropout_p=p, eps=norm.eps, training=training,
+                                  prenorm=prenorm, impl="triton")
 
 
 class Mlp(nn.Module):
@@ -28,21 +86,37 @@ class Mlp(nn.Module):
         in_features: input and output width D.
         hidden_features: inner width (VATT: 4 D).
         drop: dropout after the activation and after ``fc2``, training only.
+        impl: kernel implementation (module docstring); the fused path computes
+            ``fc1.bias`` + GELU + ``drop1`` in one kernel after a bias-free ``fc1`` product.
 
     Shapes:
         ``[..., D]`` -> ``[..., D]``.
     """
 
-    def __init__(self, in_features: int, hidden_features: int, drop: float = 0.0) -> None:
+    def __init__(self, in_features: int, hidden_features: int, drop: float = 0.0, impl: Optional[str] = None) -> None:
         super().__init__()
+        self.impl = resolve_layer_impl(impl)
         self.fc1 = nn.Linear(in_features, hidden_features)
         self.act = nn.GELU()
         self.drop1 = nn.Dropout(drop)
         self.fc2 = nn.Linear(hidden_features, in_features)
         self.drop2 = nn.Dropout(drop)
 
+    def forward_fused(self, x: Tensor) -> Tensor:
+        """The fused path up to ``fc2``, without ``drop2`` (``[..., D]`` -> ``[..., D]``)."""
+        if not (isinstance(self.act, nn.GELU) and self.act.approximate == "none"):
+            raise ValueError(f"the fused Mlp path computes the exact GELU, but act is {self.act}; use impl='reference'")
+        h = F.linear(x, self.fc1.weight)  # (..., hidden), the bias goes into the fused op
+        h = bias_gelu_dropout(h, self.fc1.bias, dropout_p=self.drop1.p, training=self.training, impl="triton")
+        return self.fc2(h)
+
     def forward(self, x: Tensor) -> Tensor:
+        if _fused(self.impl, x):
+            return self.drop2(self.forward_fused(x))
         return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+
+    def extra_repr(self) -> str:
+        return f"impl={self.impl!r}"
 
 
 class Block(nn.Module):
@@ -64,9 +138,11 @@ class Block(nn.Module):
         attn_drop: dropout on attention probabilities, training only.
         norm_eps: LayerNorm epsilon (VATT and timm ViT: 1e-6).
         backend: attention backend, see :mod:`vatt_fast.nn.attention`.
+        impl: kernel implementation of the block and its ``mlp`` (module docstring).
 
     Shapes:
         forward(x ``[B, N, D]``, attn_bias ``None`` or broadcastable to ``[B, H, N, N]``) -> ``[B, N, D]``.
+        forward_fused(x, pending ``None`` or ``[B, N, D]``, attn_bias, pending_drop) -> (x, pending).
     """
 
     def __init__(
@@ -81,18 +157,41 @@ class Block(nn.Module):
         attn_drop: float = 0.0,
         norm_eps: float = 1e-6,
         backend: str = "auto",
+        impl: Optional[str] = None,
     ) -> None:
         super().__init__()
         hidden = int(dim * mlp_ratio) if mlp_dim is None else mlp_dim
+        self.impl = resolve_layer_impl(impl)
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
         self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=drop, backend=backend)
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
-        self.mlp = Mlp(dim, hidden, drop=drop)
+        self.mlp = Mlp(dim, hidden, drop=drop, impl=self.impl)
+
+    def forward_fused(
+        self, x: Tensor, pending: Optional[Tensor] = None, attn_bias: Optional[Tensor] = None, pending_drop: float = 0.0
+    ) -> Tuple[Tensor, Tensor]:
+        """The fused path: ``x`` is the residual stream without ``pending``, the previous block's
+        ``fc2`` output not yet added (``None`` for the first block), which is added here with dropout
+        ``pending_drop`` (that block's ``mlp.drop2.p``). Returns the new ``(x, pending)``; the caller
+        adds the returned ``pending`` (the next block's ``norm1``, or the encoder's final norm)."""
+        if pending is None:
+            y = _layer_norm_fused(self.norm1, x, None, 0.0, self.training, prenorm=False)  # (B, N, D)
+        else:
+            y, x = _layer_norm_fused(self.norm1, pending, x, pending_drop, self.training, prenorm=True)
+        a = _attention_branch(self.attn, y, attn_bias)  # (B, N, D), before proj_drop
+        y, x = _layer_norm_fused(self.norm2, a, x, self.attn.proj_drop.p, self.training, prenorm=True)
+        return x, self.mlp.forward_fused(y)
 
     def forward(self, x: Tensor, attn_bias: Optional[Tensor] = None) -> Tensor:
+        if _fused(self.impl, x):
+            x, pending = self.forward_fused(x, None, attn_bias)
+            return x + self.mlp.drop2(pending)
         x = x + self.attn(self.norm1(x), attn_bias)
         x = x + self.mlp(self.norm2(x))
         return x
+
+    def extra_repr(self) -> str:
+        return f"impl={self.impl!r}"
 
 
 def init_weights(module: nn.Module) -> None:
@@ -132,6 +231,9 @@ class Encoder(nn.Module):
         grad_checkpointing: recompute each block in backward instead of storing its
             activations (``torch.utils.checkpoint``, non-reentrant); also
             :meth:`set_grad_checkpointing`.
+        impl: kernel implementation of the encoder and its blocks (module docstring). The
+            encoder's own ``impl`` picks the path of the whole stack (the fused path calls
+            :meth:`Block.forward_fused`); a block's ``impl`` matters when it is called alone.
 
     Shapes:
         forward(x ``[B, N, D]``, padding_mask ``[B, N]`` bool (True = real token) or None,
@@ -157,8 +259,10 @@ class Encoder(nn.Module):
         rel_pos_max_distance: int = 64,
         backend: str = "auto",
         grad_checkpointing: bool = False,
+        impl: Optional[str] = None,
     ) -> None:
         super().__init__()
+        self.impl = resolve_layer_impl(impl)
         self.dim = dim
         self.num_heads = num_heads
         self.use_agg_token = use_agg_token
@@ -170,7 +274,8 @@ class Encoder(nn.Module):
             else None
         )
         self.blocks = nn.ModuleList(
-            Block(dim, num_heads, mlp_dim=mlp_dim, drop=drop, attn_drop=attn_drop, norm_eps=norm_eps, backend=backend)
+            Block(dim, num_heads, mlp_dim=mlp_dim, drop=drop, attn_drop=attn_drop, norm_eps=norm_eps, backend=backend,
+                  impl=self.impl)
             for _ in range(depth)
         )
         self.norm = nn.LayerNorm(dim, eps=norm_eps)
@@ -218,12 +323,15 @@ class Encoder(nn.Module):
             bias = pad if bias is None else bias + pad  # (B, H or 1, L or 1, L)
 
         checkpointing = self.grad_checkpointing and torch.is_grad_enabled()
-        for block in self.blocks:
-            if checkpointing:
-                x = checkpoint(block, x, bias, use_reentrant=False)
-            else:
-                x = block(x, bias)
-        x = self.norm(x)  # (B, L, D)
+        if _fused(self.impl, x):
+            x = self._blocks_fused(x, bias, checkpointing)  # (B, L, D), after the final norm
+        else:
+            for block in self.blocks:
+                if checkpointing:
+                    x = checkpoint(block, x, bias, use_reentrant=False)
+                else:
+                    x = block(x, bias)
+            x = self.norm(x)  # (B, L, D)
 
         if self.agg_token is not None:
             pooled = x[:, 0]
@@ -233,3 +341,18 @@ class Encoder(nn.Module):
             weights = padding_mask.to(x.dtype).unsqueeze(-1)  # (B, N, 1)
             pooled = (x * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
         return pooled, x
+
+    def _blocks_fused(self, x: Tensor, bias: Optional[Tensor], checkpointing: bool) -> Tensor:
+        """The blocks and the final norm on the fused path, carrying each block's ``fc2`` output
+        (``pending``) into the next LayerNorm; states ``[B, L, D]`` in x's dtype."""
+        pending, pending_drop = None, 0.0
+        for block in self.blocks:
+            if checkpointing:
+                x, pending = checkpoint(block.forward_fused, x, pending, bias, pending_drop, use_reentrant=False)
+            else:
+                x, pending = block.forward_fused(x, pending, bias, pending_drop)
+            pending_drop = block.mlp.drop2.p
+        if pending is None:  # no blocks
+            return _layer_norm_fused(self.norm, x, None, 0.0, self.training, prenorm=False)
+        # pending (bf16 under autocast) is cast to the stream's dtype so the states keep it, as self.norm(x) does
+        return _layer_norm_fused(self.norm, pending.to(x.dtype), x, pending_drop, self.training, prenorm=False)
