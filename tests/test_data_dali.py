@@ -52,6 +52,19 @@ def test_build_loader_picks_dali(synthetic_dir, device):  # noqa: F811
     loader.close()
 
 
+def test_auto_picks_dali_when_cuda_dali_and_nvdec_are_there(synthetic_dir, monkeypatch, caplog):  # noqa: F811
+    import vatt_fast.data.loader as ld
+
+    monkeypatch.setattr(ld, "_cuda_problem", lambda: None)  # pretend: the DALI import and NVDEC probes are real
+    monkeypatch.setattr(ld, "_nvdec_problem", lambda: None)
+    with caplog.at_level(logging.INFO, logger="vatt_fast.data.loader"):
+        loader = build_loader(synthetic_dir, "train", 3, backend="auto", num_workers=1, device="cpu")
+    assert isinstance(loader, DALILoader)
+    assert [r.getMessage() for r in caplog.records if r.name == "vatt_fast.data.loader"] == [
+        "loader auto: DALI (GPU decoding), because CUDA device, DALI and the NVDEC library libnvcuvid are present"]
+    loader.close()
+
+
 def test_forked_child_can_free_a_running_loader(synthetic_dir):  # noqa: F811
     """A DataLoader worker forked while a DALI pipeline is alive must not hang freeing it."""
     loader = build_loader(synthetic_dir, "train", 3, backend="dali", num_workers=1, device="cpu")

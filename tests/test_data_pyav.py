@@ -38,6 +38,78 @@ def test_auto_backend_is_pyav_without_cuda():
         resolve_loader("ffmpeg")
 
 
+def _no_probe():
+    raise AssertionError("probed after an earlier check already failed")
+
+
+def _cdll_fails(name):
+    raise OSError(f"{name}: cannot open shared object file: No such file or directory")
+
+
+@pytest.mark.parametrize("missing", ["cuda", "dali", "nvdec", "nothing"])
+def test_auto_falls_back_to_pyav_and_logs_why(monkeypatch, caplog, missing):
+    """auto: DALI needs a CUDA device, the DALI wheel and the driver's NVDEC library; without
+    one of them it picks PyAV and logs one line naming the one that is missing."""
+    import ctypes
+    import sys
+
+    import vatt_fast.data.loader as ld
+
+    if missing == "cuda":
+        monkeypatch.setattr(ld, "_cuda_problem", lambda: "no CUDA device (torch.cuda.is_available() is False)")
+        monkeypatch.setattr(ld, "_dali_problem", _no_probe)
+        monkeypatch.setattr(ld, "_nvdec_problem", _no_probe)
+    else:
+        monkeypatch.setattr(ld, "_cuda_problem", lambda: None)
+        if missing == "dali":  # what an import of a package that is not installed does
+            monkeypatch.setitem(sys.modules, "nvidia.dali", None)
+            monkeypatch.setattr(ld, "_nvdec_problem", _no_probe)
+        else:
+            monkeypatch.setattr(ld, "_dali_problem", lambda: None)
+            monkeypatch.setattr(ctypes, "CDLL", _cdll_fails if missing == "nvdec" else (lambda name: object()))
+    with caplog.at_level(logging.INFO, logger="vatt_fast.data.loader"):
+        chosen = resolve_loader("auto")
+    lines = [r for r in caplog.records if r.name == "vatt_fast.data.loader"]
+    assert len(lines) == 1
+    message, level = lines[0].getMessage(), lines[0].levelno
+    if missing == "nothing":
+        assert chosen == "dali" and message.startswith("loader auto: DALI") and level == logging.INFO
+        return
+    assert chosen == "pyav" and message.startswith("loader auto: PyAV (CPU decoding), because ")
+    expected = {
+        "cuda": "no CUDA device",
+        "dali": "DALI not installed",
+        "nvdec": "NVDEC library libnvcuvid.so.1 not found (libnvcuvid.so.1: cannot open shared object file",
+    }[missing]
+    assert expected in message
+    # a GPU decoding on the CPU anyway is worth a warning; a CPU-only machine is not
+    assert level == (logging.INFO if missing == "cuda" else logging.WARNING)
+
+
+def test_explicit_backends_are_not_probed(monkeypatch, caplog):
+    import vatt_fast.data.loader as ld
+
+    for probe in ("_cuda_problem", "_nvdec_problem"):
+        monkeypatch.setattr(ld, probe, _no_probe)
+    with caplog.at_level(logging.INFO, logger="vatt_fast.data.loader"):
+        assert resolve_loader("pyav") == "pyav"
+    assert not caplog.records
+
+
+def test_build_loader_auto_on_this_machine_says_why_it_picks_pyav(synthetic_dir, caplog):  # noqa: F811
+    from vatt_fast.data.loader import choose_loader
+    from vatt_fast.data.pyav_loader import PyAVLoader
+
+    chosen, why = choose_loader("auto")
+    if chosen == "dali":
+        pytest.skip("this machine has CUDA, DALI and NVDEC: auto picks DALI")
+    with caplog.at_level(logging.INFO, logger="vatt_fast.data.loader"):
+        loader = build_loader(synthetic_dir, "val", 2, backend="auto", num_workers=0)
+    assert isinstance(loader, PyAVLoader)
+    lines = [r.getMessage() for r in caplog.records if r.name == "vatt_fast.data.loader"]
+    assert lines == [f"loader auto: PyAV (CPU decoding), because {why}"]
+
+
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_batch_contract_matches_the_tiny_preset(synthetic_dir, num_workers):  # noqa: F811
     cfg = get_config("tiny")
@@ -275,6 +347,114 @@ def test_odd_frame_sizes_keep_their_colours(zoo_dir):  # noqa: F811
     assert (torch.from_numpy(video).float() - ref).abs().mean() < 1.0
 
 
+class _CountDecoded:
+    """A PyAV container that records the frame number of every video frame its decoder returns."""
+
+    def __init__(self, container, fps, seen):
+        self._c, self._fps, self._seen = container, fps, seen
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return self._c.__exit__(*exc)
+
+    def __getattr__(self, name):
+        return getattr(self._c, name)
+
+    def decode(self, *args, **kw):
+        for frame in self._c.decode(*args, **kw):
+            self._seen.append(int(round(float(frame.time) * self._fps)))
+            yield frame
+
+
+@pytest.mark.parametrize("record", ["long", "short"])
+def test_only_the_window_is_decoded_and_converted(timed_dir, monkeypatch, record):  # noqa: F811
+    """Decoding starts at the keyframe before the window (GOP 5), stops at its last frame, and
+    each frame of the window is converted to RGB once (a short video repeats its last frame)."""
+    import av
+
+    import vatt_fast.data.pyav_loader as pl
+
+    rec = next(r for r in read_manifest(timed_dir) if r.id == record)
+    spec = ClipSpec.from_preset("tiny")
+    sampler = ClipSampler(spec, Vocabulary.load(timed_dir), train=True, seed=1)
+    plans = [sampler.plan(rec, 0, epoch) for epoch in range(4)]
+    references = [decode_with_pyav(plan, spec)[0] for plan in plans]
+    converted, decoded = [], []
+    real_rgb, real_open = pl._to_rgb, av.open
+
+    def counting_rgb(reformatter, frame, width, height):
+        converted.append(int(round(float(frame.time) * spec.fps)))
+        return real_rgb(reformatter, frame, width, height)
+
+    monkeypatch.setattr(pl, "_to_rgb", counting_rgb)
+    monkeypatch.setattr(av, "open", lambda *a, **kw: _CountDecoded(real_open(*a, **kw), spec.fps, decoded))
+    for plan, reference in zip(plans, references):
+        converted.clear()
+        decoded.clear()
+        video = pl.decode_video_pyav(plan, spec)
+        assert np.array_equal(video, reference)
+        wanted = sorted(set(plan.frame_indices))
+        assert sorted(converted) == wanted
+        first, last = wanted[0], wanted[-1]
+        assert decoded == list(range(first - first % 5, last + 1)), (plan.frame_indices, decoded)
+    if record == "short":
+        assert plans[0].short and len(set(plans[0].frame_indices)) < len(plans[0].frame_indices)
+    else:
+        assert any(plan.frame_indices[0] % 5 for plan in plans) and any(plan.flip for plan in plans)
+
+
+def test_decoder_threads_do_not_change_the_pixels(synthetic_dir):  # noqa: F811
+    from vatt_fast.data.pyav_loader import decode_video_pyav
+
+    recs = read_manifest(synthetic_dir, split="train")
+    spec = ClipSpec.from_preset("tiny")
+    sampler = ClipSampler(spec, Vocabulary.load(synthetic_dir), train=True, seed=11)
+    for i in (0, 5, 9):
+        plan = sampler.plan(recs[i], i, 0)
+        single = decode_video_pyav(plan, spec, threads=1)
+        for threads in (0, 2, 3):
+            assert np.array_equal(decode_video_pyav(plan, spec, threads=threads), single), threads
+    with pytest.raises(ValueError, match="decoder threads must be >= 0"):
+        decode_video_pyav(plan, spec, threads=-1)
+
+
+def test_flip_mirrors_the_crop_left_to_right(synthetic_dir):  # noqa: F811
+    import dataclasses
+
+    from vatt_fast.data.pyav_loader import decode_video_pyav
+
+    rec = read_manifest(synthetic_dir, split="val")[0]
+    spec = ClipSpec.from_preset("tiny")
+    plan = ClipSampler(spec, Vocabulary.load(synthetic_dir), train=False).plan(rec, 0)
+    assert not plan.flip
+    video = decode_video_pyav(plan, spec)
+    flipped = decode_video_pyav(dataclasses.replace(plan, flip=True), spec)
+    assert flipped.flags.c_contiguous and not np.array_equal(video, video[:, ::-1])
+    assert np.array_equal(flipped, video[:, :, ::-1])
+
+
+def test_the_loader_passes_decoder_threads_to_ffmpeg(synthetic_dir, monkeypatch):  # noqa: F811
+    import vatt_fast.data.pyav_loader as pl
+
+    seen = []
+    real = pl.set_decoder_threads
+
+    def recording(codec_context, threads):
+        real(codec_context, threads)
+        seen.append((threads, codec_context.thread_count, str(codec_context.thread_type)))
+
+    monkeypatch.setattr(pl, "set_decoder_threads", recording)
+    default = build_loader(synthetic_dir, "val", 2, backend="pyav", num_workers=0)
+    threaded = build_loader(synthetic_dir, "val", 2, backend="pyav", num_workers=0, decoder_threads=3)
+    _same(_take(default, 1)[0], _take(threaded, 1)[0])
+    assert seen[:2] == [(1, 1, "ThreadType.SLICE")] * 2 and seen[2:] == [(3, 3, "ThreadType.AUTO")] * 2
+    assert default.options.decoder_threads == 1
+    with pytest.raises(ValueError, match="decoder_threads must be >= 0"):
+        build_loader(synthetic_dir, "val", 2, backend="pyav", decoder_threads=-1)
+
+
 class _NoSeek:
     """A PyAV container whose demuxer cannot seek anywhere but to the start."""
 
@@ -354,10 +534,10 @@ def test_unexpected_errors_count_under_their_type_and_are_logged_once(bad_dir, m
 
     real = pl.decode_with_pyav
 
-    def buggy(plan, spec):
+    def buggy(plan, spec, *args):
         if plan.video.endswith("no_captions.webm"):
             return 1 / 0
-        return real(plan, spec)
+        return real(plan, spec, *args)
 
     monkeypatch.setattr(pl, "decode_with_pyav", buggy)
     loader = build_loader(bad_dir, "train", 1, backend="pyav", num_workers=0, train=False)

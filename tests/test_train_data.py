@@ -52,6 +52,21 @@ def test_trainer_runs_the_dali_loader_on_cpu(tiny_data, tmp_path):
     assert summary["bad_data"] == {}
 
 
+def test_trainer_logs_which_loader_auto_picks_and_why(tiny_data, tmp_path):
+    """--loader auto without CUDA, DALI or NVDEC trains with PyAV and says why in train.log."""
+    from vatt_fast.data.loader import choose_loader
+    from vatt_fast.train import main
+
+    chosen, why = choose_loader("auto")
+    if chosen == "dali":
+        pytest.skip("this machine has CUDA, DALI and NVDEC: auto picks DALI")
+    out = tmp_path / "run"
+    main(train_argv(tiny_data, out, 1, 4, "--loader", "auto"))  # the later --loader wins
+    _check_run(out, 1)
+    lines = [line for line in (out / "train.log").read_text().splitlines() if "loader auto:" in line]
+    assert len(lines) == 1 and lines[0].endswith(f"loader auto: PyAV (CPU decoding), because {why}")
+
+
 def _broken_copy(tiny_data, tmp_path):
     """A copy of the tiny dataset whose first training batch holds a garbage FLAC and a garbage
     video (the copy: the fixture is shared by the session)."""

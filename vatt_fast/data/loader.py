@@ -20,10 +20,11 @@ Example::
 
 from __future__ import annotations
 
+import logging
 import os
 from collections import Counter
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional, Tuple, Union
 
 import torch
 
@@ -33,30 +34,97 @@ from vatt_fast.data.sampler import ClipSpec
 from vatt_fast.data.vocab import Vocabulary
 from vatt_fast.models.config import VATTConfig, get_config
 
-__all__ = ["build_loader", "resolve_loader", "LOADERS"]
+__all__ = ["build_loader", "resolve_loader", "choose_loader", "LOADERS", "NVDEC_LIBRARIES"]
+
+logger = logging.getLogger(__name__)
 
 # The loader backends; "backend" here means the loader, not the attention kernel
 # (vatt_fast.nn.attention) or the torch.compile backend.
 LOADERS = ("auto", "dali", "pyav")
+# The NVIDIA driver's video decoder (NVDEC) library that DALI's GPU video decoder dlopens; the
+# driver installs it, but some installs (containers without the "video" driver capability,
+# minimal driver packages) leave it out.
+NVDEC_LIBRARIES = ("libnvcuvid.so.1", "libnvcuvid.so")
 
 
-def _dali_available() -> bool:
+def _dali_problem() -> Optional[str]:
+    """Why DALI cannot be used here, or None when it imports."""
     try:
         import nvidia.dali  # noqa: F401
     except ImportError:
-        return False
-    return True
+        return "DALI not installed (pip install 'vatt_fast[dali]')"
+    except Exception as e:  # a wheel for another CUDA or platform can fail to load its libraries
+        return f"DALI does not import ({type(e).__name__}: {e})"
+    return None
+
+
+def _dali_available() -> bool:
+    return _dali_problem() is None
+
+
+def _cuda_problem() -> Optional[str]:
+    """Why there is no CUDA device for DALI's GPU pipeline, or None."""
+    if not torch.cuda.is_available():
+        return "no CUDA device (torch.cuda.is_available() is False)"
+    return None
+
+
+def _nvdec_problem() -> Optional[str]:
+    """Why DALI's GPU video decoder (NVDEC) cannot run, or None when the driver's NVDEC library loads.
+
+    A cheap probe (a ``dlopen`` of :data:`NVDEC_LIBRARIES`, as DALI does); only asked when CUDA is there.
+    """
+    import ctypes
+
+    errors = []
+    for name in NVDEC_LIBRARIES:
+        try:
+            ctypes.CDLL(name)
+        except OSError as e:
+            errors.append(str(e))
+        else:
+            return None
+    return (f"NVDEC library {NVDEC_LIBRARIES[0]} not found ({errors[0]}): DALI's GPU decoder cannot run; the "
+            f"NVIDIA driver install lacks its video decode library")
+
+
+def choose_loader(name: str = "auto") -> Tuple[str, str]:
+    """``(backend, why)``: the loader :func:`resolve_loader` picks and the reason, in words.
+
+    ``auto`` picks DALI when CUDA is available, DALI imports and the driver's NVDEC library
+    (``libnvcuvid``) loads; else PyAV, naming the first of those that failed.
+    """
+    if name not in LOADERS:
+        raise ValueError(f"unknown loader backend {name!r}; choose one of {LOADERS}")
+    if name == "dali" and not _dali_available():
+        raise ImportError("backend='dali' needs NVIDIA DALI: pip install 'vatt_fast[dali]' (or use backend='pyav')")
+    if name != "auto":
+        return name, f"asked for {name!r}"
+    for probe in (_cuda_problem, _dali_problem, _nvdec_problem):  # cheapest first; NVDEC only with CUDA
+        problem = probe()
+        if problem is not None:
+            return "pyav", problem
+    return "dali", "CUDA device, DALI and the NVDEC library libnvcuvid are present"
 
 
 def resolve_loader(name: str = "auto") -> str:
-    """``"dali"`` or ``"pyav"``: ``auto`` picks DALI when it imports and CUDA is available."""
-    if name not in LOADERS:
-        raise ValueError(f"unknown loader backend {name!r}; choose one of {LOADERS}")
+    """``"dali"`` or ``"pyav"`` (see :func:`choose_loader`).
+
+    ``auto`` logs one line that names the loader and why: at INFO, or at WARNING when a CUDA
+    device is there but PyAV still decodes on the CPU (no DALI wheel, no NVDEC library).
+
+    Raises:
+        ValueError: an unknown name.
+        ImportError: ``"dali"`` without DALI installed.
+    """
+    chosen, why = choose_loader(name)
     if name == "auto":
-        return "dali" if torch.cuda.is_available() and _dali_available() else "pyav"
-    if name == "dali" and not _dali_available():
-        raise ImportError("backend='dali' needs NVIDIA DALI: pip install 'vatt_fast[dali]' (or use backend='pyav')")
-    return name
+        if chosen == "dali":
+            logger.info("loader auto: DALI (GPU decoding), because %s", why)
+        else:
+            level = logging.INFO if _cuda_problem() is not None else logging.WARNING
+            logger.log(level, "loader auto: PyAV (CPU decoding), because %s", why)
+    return chosen
 
 
 def build_loader(
@@ -67,6 +135,7 @@ def build_loader(
     preset: Union[str, VATTConfig] = "tiny",
     backend: str = "auto",
     num_workers: int = 2,
+    decoder_threads: int = 1,
     seed: int = 0,
     train: Optional[bool] = None,
     rank: Optional[int] = None,
@@ -84,9 +153,13 @@ def build_loader(
         batch_size: clips per batch on this rank.
         preset: model preset (or config) giving the clip geometry: ``num_frames``, ``fps``,
             ``frame_size``, ``audio_sample_rate``, ``num_captions``, ``caption_len``.
-        backend: the loader backend, one of :data:`LOADERS`: ``"auto"`` (DALI when it imports
-            and CUDA is available, else PyAV), ``"dali"`` or ``"pyav"``.
+        backend: the loader backend, one of :data:`LOADERS`: ``"auto"`` (DALI when it imports,
+            CUDA is available and the driver has the NVDEC library; else PyAV, with a log line
+            that says why), ``"dali"`` or ``"pyav"``.
         num_workers: decoding worker processes (PyAV) or threads (DALI).
+        decoder_threads: FFmpeg threads per video decode in each PyAV worker (1: none, the
+            fastest per core when the workers fill the cores; 0: FFmpeg's count); see
+            :class:`~vatt_fast.data.options.LoaderOptions`.
         seed: seed of the epoch permutations and of every random window, crop and flip.
         train: random clips, infinite iteration, reshuffled every epoch (default: ``split == "train"``);
             otherwise one ordered pass of centred clips per ``iter()``.
@@ -125,7 +198,7 @@ def build_loader(
     chosen = resolve_loader(backend)
     options = LoaderOptions(
         batch_size=batch_size, split=split, train=train, seed=seed, rank=rank, world_size=world_size,
-        drop_last=drop_last, num_workers=num_workers, device=device, pin_memory=pin_memory,
+        drop_last=drop_last, num_workers=num_workers, decoder_threads=decoder_threads, device=device, pin_memory=pin_memory,
     )
     if chosen == "dali":
         from vatt_fast.data.dali_loader import DALILoader as Loader

@@ -38,6 +38,13 @@ class LoaderOptions:
             initialised, else 0 and 1.
         drop_last: drop the last incomplete batch of an epoch. Default: ``train``.
         num_workers: decoding worker processes (PyAV; 0 decodes in the main process) or threads (DALI).
+        decoder_threads: FFmpeg threads per video decode in each PyAV worker. 1 (the default)
+            decodes in the worker's own thread: the most frames per core once the workers fill
+            the cores (run about one worker per core), as workers x threads beyond the cores
+            only adds switching, and a 256p VP9 frame is one tile, which slice threads cannot
+            split. ``n > 1``: frame and slice threading with ``n`` threads, for fewer workers
+            than cores; 0: FFmpeg's automatic count (cores + 1 threads per decode, PyAV's
+            default). The decoded pixels do not depend on it. DALI ignores it.
         device: move batches there (DALI on CUDA decodes there directly).
         pin_memory: pin host batches in page-locked memory (PyAV). Default: when CUDA is
             available and ``device`` is ``None`` or a CUDA device.
@@ -55,6 +62,7 @@ class LoaderOptions:
     world_size: Optional[int] = None
     drop_last: Optional[bool] = None
     num_workers: int = 2
+    decoder_threads: int = 1
     device: Optional[Union[str, torch.device]] = None
     pin_memory: Optional[bool] = None
     prefetch_factor: int = 2
@@ -75,6 +83,7 @@ class LoaderOptions:
                            (torch.distributed.get_world_size() if _distributed() else 1)),
             drop_last=train if self.drop_last is None else bool(self.drop_last),
             num_workers=int(self.num_workers),
+            decoder_threads=int(self.decoder_threads),
             device=device,
             pin_memory=pin_memory,
             prefetch_factor=int(self.prefetch_factor),
@@ -87,5 +96,7 @@ class LoaderOptions:
             raise ValueError(f"rank must be in [0, world_size), got rank={self.rank}, world_size={self.world_size}")
         if self.num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+        if self.decoder_threads < 0:
+            raise ValueError(f"decoder_threads must be >= 0 (0: FFmpeg's automatic count), got {self.decoder_threads}")
         if self.prefetch_factor < 1:
             raise ValueError(f"prefetch_factor must be >= 1, got {self.prefetch_factor}")
