@@ -47,6 +47,7 @@ setup(
         "console_scripts": [
             "vatt-train=vatt_fast.train:cli",
             "vatt-eval=vatt_fast.eval:cli",
+            "vatt-finetune=vatt_fast.finetune:cli",
         ]
     },
     classifiers=[

@@ -8,8 +8,9 @@ line describes one source video::
      "label": 3, "split": "train", "width": 64, "height": 48}
 
 ``id``, ``video``, ``audio``, ``duration`` and ``captions`` are required (``captions``
-may be an empty list); ``label`` (int), ``split`` (default ``"train"``) and the stored
-frame size ``width``/``height`` are optional. Paths are relative to the dataset folder.
+may be an empty list); ``label`` (an int, or a list of ints for a multi-label clip such as
+AudioSet's), ``split`` (default ``"train"``) and the stored frame size ``width``/``height``
+are optional. Paths are relative to the dataset folder.
 ``duration`` is the video length in seconds, i.e. ``number_of_frames / fps``.
 
 A line that is not JSON is an error naming the file and line; a line that parses but
@@ -70,7 +71,8 @@ class VideoRecord:
         audio: absolute path of the audio file (48 kHz mono FLAC).
         duration: length of the video in seconds (``frames / fps``).
         captions: timed captions, possibly empty (caption-less video).
-        label: class index for linear probing, or ``None``.
+        label: class index for linear probing, or ``None`` (also for a multi-label row).
+        labels: the class indices of a multi-label row (``"label": [3, 7]``), else ``None``.
         split: ``"train"``, ``"val"``, ... (``"train"`` when the manifest row has none).
         width, height: stored frame size in pixels when the manifest knows it, else ``None``
             (the sampler then reads it from the file header).
@@ -85,6 +87,7 @@ class VideoRecord:
     split: str = "train"
     width: Optional[int] = None
     height: Optional[int] = None
+    labels: Optional[List[int]] = None
 
 
 def _dataset_root(dataset_dir: PathLike) -> Path:
@@ -133,6 +136,9 @@ def record_from_json(obj: Dict[str, Any], root: PathLike) -> VideoRecord:
     if not duration > 0:
         raise ValueError(f"duration must be positive, got {duration}")
     label = obj.get("label")
+    labels = None
+    if isinstance(label, list):
+        labels, label = [int(v) for v in label], None
     width, height = obj.get("width"), obj.get("height")
     return VideoRecord(
         id=str(obj["id"]),
@@ -144,6 +150,7 @@ def record_from_json(obj: Dict[str, Any], root: PathLike) -> VideoRecord:
         split=str(obj.get("split") or "train"),
         width=None if width is None else int(width),
         height=None if height is None else int(height),
+        labels=labels,
     )
 
 
@@ -166,7 +173,9 @@ def record_to_json(record: VideoRecord, root: PathLike) -> Dict[str, Any]:
         "captions": [{"start": c.start, "end": c.end, "text": c.text} for c in record.captions],
         "split": record.split,
     }
-    if record.label is not None:
+    if record.labels is not None:
+        row["label"] = [int(v) for v in record.labels]
+    elif record.label is not None:
         row["label"] = int(record.label)
     if record.width is not None and record.height is not None:
         row["width"], row["height"] = int(record.width), int(record.height)

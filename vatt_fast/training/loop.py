@@ -18,7 +18,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -110,10 +110,30 @@ class RunState:
     last_loss: float = float("nan")
     history: Dict[str, float] = field(default_factory=dict)  # run totals for the summary (see MetricsWindow.close)
     last_eval: Optional[Dict[str, Dict[str, float]]] = None
+    # Hooks for runs that train something else on the same loop (vatt_fast.finetune); None: VATT pretraining.
+    forward_loss: Optional[Callable[["RunState", Dict[str, torch.Tensor]], Dict[str, torch.Tensor]]] = None
+    clip_grads: Optional[Callable[["RunState"], torch.Tensor]] = None  # clips, returns the global gradient norm
+    eval_fn: Optional[Callable[["RunState"], Any]] = None  # periodic evaluation (default: retrieval)
+    flops_per_clip: Optional[float] = None  # training FLOPs per clip (default: VATT's, from the config)
+    tokens_per_clip: Optional[int] = None  # tokens per training clip (default: VATT's, from the config)
+    extra_meta: Dict[str, Any] = field(default_factory=dict)  # added to every checkpoint's meta.json
+    command: str = "python -m vatt_fast.train"  # named in the messages on how to continue a run
 
     @property
     def is_main(self) -> bool:
         return get_rank() == 0
+
+    def step_flops(self) -> float:
+        """Model FLOPs of one training step over the global batch."""
+        if self.flops_per_clip is not None:
+            return self.flops_per_clip * self.args.batch_size
+        return float(train_step_flops(self.config, self.args.batch_size))
+
+    def clip_tokens(self) -> int:
+        """Tokens the model sees per training clip."""
+        if self.tokens_per_clip is not None:
+            return self.tokens_per_clip
+        return tokens_per_clip(self.config, train=True)["total"]
 
     @property
     def schedule(self) -> LRSchedule:
@@ -163,17 +183,23 @@ def train_step(run: RunState, batch: Dict[str, torch.Tensor]) -> Optional[Dict[s
     lr = run.schedule(run.step)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
-    with autocast(run.device, run.precision):
-        out = run.model(batch)
-    losses = run.loss_fn({**out, "text_mask": batch["text_mask"]})
+    if run.forward_loss is not None:
+        losses = run.forward_loss(run, batch)
+    else:
+        with autocast(run.device, run.precision):
+            out = run.model(batch)
+        losses = run.loss_fn({**out, "text_mask": batch["text_mask"]})
     loss = losses["loss"]
     # DDP/FSDP average gradients over ranks; the loss gives each rank the single-process
     # gradient of its rows, so scale by the world size to get the global-batch gradient.
     (loss * run.world_size if run.world_size > 1 else loss).backward()
     # The global gradient norm (clipped to --grad-clip when set); logged, and a check on
     # distributed runs: it must equal one process's on the same global batch.
-    max_norm = run.args.grad_clip if run.args.grad_clip > 0 else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_([p for p in run.model.parameters() if p.grad is not None], max_norm)
+    if run.clip_grads is not None:
+        grad_norm = run.clip_grads(run)
+    else:
+        max_norm = run.args.grad_clip if run.args.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in run.model.parameters() if p.grad is not None], max_norm)
     if hasattr(grad_norm, "full_tensor"):  # FSDP2: a replicated DTensor
         grad_norm = grad_norm.full_tensor()
     keys = ["loss"] + sorted(k for k in losses if k != "loss")
@@ -291,8 +317,8 @@ def train_steps(run: RunState, stop_step: int, batches: DeviceBatches) -> str:
         (a checkpoint has then been saved).
     """
     args = run.args
-    flops_per_step = train_step_flops(run.config, args.batch_size)
-    tokens = tokens_per_clip(run.config, train=True)["total"]
+    flops_per_step = run.step_flops()
+    tokens = run.clip_tokens()
     show_bar = run.is_main and not args.no_progress
     bar = tqdm(total=stop_step, initial=run.step, desc="train", unit="step", dynamic_ncols=True, disable=None) if show_bar else None
     step_fn = _first_step if args.compile else train_step
@@ -328,7 +354,7 @@ def train_steps(run: RunState, stop_step: int, batches: DeviceBatches) -> str:
                 window = MetricsWindow()
             t_pause = time.perf_counter()
             if args.eval_every and run.step % args.eval_every == 0 and run.step < stop_step and run.eval_loader is not None:
-                run.last_eval = evaluate_and_log(run)
+                run.last_eval = (run.eval_fn or evaluate_and_log)(run)
             if args.save_every and run.step % args.save_every == 0 and run.step < stop_step:
                 save(run)
             window.pause_clock(time.perf_counter() - t_pause)
@@ -420,6 +446,7 @@ def save(run: RunState) -> Optional[Path]:
         "preset": run.config.name,
         "args": {k: v for k, v in vars(run.args).items() if k != "explicit"},
         "time": _dt.datetime.now(_dt.timezone.utc).isoformat(),
+        **run.extra_meta,
     }
     state = {"schedule": run.schedule.as_dict(), "nonfinite_steps": run.nonfinite_steps}
     path = save_checkpoint(run.run_dir / "checkpoints", run.step, run.raw_model, run.optimizer, state, meta,
@@ -435,7 +462,7 @@ def _interrupt(run: RunState) -> str:
         log.warning("got %s at step %d: saving a checkpoint and stopping", name, run.step)
     save(run)
     if run.is_main:
-        log.warning("stopped at step %d; continue with: python -m vatt_fast.train --resume auto --out %s", run.step, run.run_dir)
+        log.warning("stopped at step %d; continue with: %s --resume auto --out %s", run.step, run.command, run.run_dir)
     return "interrupted"
 
 

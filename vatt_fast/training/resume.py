@@ -12,7 +12,7 @@ import argparse
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Sequence
 
 from vatt_fast.checkpoint import (
     WEIGHTS_NAME,
@@ -49,11 +49,12 @@ class ResumePoint:
         return int(self.meta.get("step", -1))
 
 
-def find_resume(args: argparse.Namespace) -> Optional[ResumePoint]:
+def find_resume(args: argparse.Namespace, resumed_args: Sequence[str] = RESUMED_ARGS) -> Optional[ResumePoint]:
     """The checkpoint ``--resume`` names (None for a fresh run), with the resumed arguments filled into ``args``.
 
     ``--resume auto`` takes the latest checkpoint of ``--out`` (none: a fresh run);
     ``--resume PATH`` a checkpoint or run folder, and ``--out`` defaults to its run folder.
+    ``resumed_args``: the arguments taken from the checkpoint unless given again.
     """
     if args.resume == "auto":
         if args.out is None:
@@ -80,7 +81,7 @@ def find_resume(args: argparse.Namespace) -> Optional[ResumePoint]:
         return None
     point = ResumePoint(ckpt, read_meta(ckpt))
     saved = point.meta.get("args", {})
-    for key in RESUMED_ARGS:
+    for key in resumed_args:
         if key not in args.explicit and saved.get(key) is not None:
             setattr(args, key, saved[key])
     if not args.model and saved.get("model"):

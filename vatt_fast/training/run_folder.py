@@ -16,14 +16,13 @@ import math
 import shutil
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 import yaml
 
 from vatt_fast.distributed import broadcast_object, get_rank, is_dist
-from vatt_fast.flops import tokens_per_clip, train_step_flops
 from vatt_fast.io import atomic_write
 from vatt_fast.models.config import VATTConfig
 
@@ -138,8 +137,16 @@ class MetricsLog:
             self.file = self.writer = None
 
 
-def plot_curves(run_dir: Path) -> Optional[Path]:
-    """Draw ``curves.png`` (training loss; retrieval R@1 and chance) from ``metrics.jsonl``."""
+RETRIEVAL_CURVES = (("t2v_r1", "text->video R@1"), ("v2a_r1", "video->audio R@1"), ("chance_r1", "chance R@1"))
+
+
+def plot_curves(
+    run_dir: Path,
+    eval_curves: Sequence[Tuple[str, str]] = RETRIEVAL_CURVES,
+    eval_title: str = "zero-shot retrieval",
+) -> Optional[Path]:
+    """Draw ``curves.png`` from ``metrics.jsonl``: the training loss, and the ``eval`` rows' ``eval_curves``
+    (``(key, label)`` pairs, fractions drawn in %; a ``chance_*`` key dashed) under ``eval_title``."""
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return None
@@ -157,13 +164,13 @@ def plot_curves(run_dir: Path) -> Optional[Path]:
     ax1.set_xlabel("step")
     ax1.set_ylabel("loss")
     ax1.set_title("training loss")
-    for key, label in (("t2v_r1", "text->video R@1"), ("v2a_r1", "video->audio R@1"), ("chance_r1", "chance R@1")):
+    for key, label in eval_curves:
         pts = [(r["step"], 100 * r[key]) for r in evals if r.get(key) is not None]
         if pts:
-            ax2.plot(*zip(*pts), marker="o", linestyle="--" if key == "chance_r1" else "-", label=label)
+            ax2.plot(*zip(*pts), marker="o", linestyle="--" if key.startswith("chance") else "-", label=label)
     ax2.set_xlabel("step")
     ax2.set_ylabel("%")
-    ax2.set_title("zero-shot retrieval" if evals else "zero-shot retrieval (no evaluation yet)")
+    ax2.set_title(eval_title if evals else f"{eval_title} (no evaluation yet)")
     for ax in (ax1, ax2):
         if ax.get_legend_handles_labels()[0]:
             ax.legend()
@@ -173,10 +180,10 @@ def plot_curves(run_dir: Path) -> Optional[Path]:
     return out
 
 
-def write_summary(run: "RunState", status: str, wall_s: float) -> Dict[str, Any]:
+def write_summary(run: "RunState", status: str, wall_s: float, extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """``summary.json``: throughput, MFU and data wait over the timed windows (the first, with
     compilation and worker start-up, left out when there are others), the last evaluation,
-    bad-data counts; returns what was written (NaN as None)."""
+    bad-data counts, then ``extra``; returns what was written (NaN as None)."""
     h = run.history
     prefix = "timed" if h.get("timed_s") else "first"
     timed_s = h.get(f"{prefix}_s", 0.0)
@@ -191,8 +198,8 @@ def write_summary(run: "RunState", status: str, wall_s: float) -> Dict[str, Any]
         "device": torch.cuda.get_device_name(run.device) if run.device.type == "cuda" else "cpu",
         "precision": run.precision,
         "clips_per_s": clips_per_s,
-        "tokens_per_s": clips_per_s * tokens_per_clip(run.config, train=True)["total"],
-        "mfu": (train_step_flops(run.config, batch) * clips_per_s / batch / (run.peak_flops * run.world_size))
+        "tokens_per_s": clips_per_s * run.clip_tokens(),
+        "mfu": (run.step_flops() * clips_per_s / batch / (run.peak_flops * run.world_size))
         if run.peak_flops else None,  # fmt: skip
         "peak_tflops": run.peak_flops / 1e12 if run.peak_flops else None,
         "data_wait": h[f"{prefix}_wait_s"] / timed_s if timed_s else None,
@@ -201,7 +208,7 @@ def write_summary(run: "RunState", status: str, wall_s: float) -> Dict[str, Any]
         "bad_data": dict(getattr(run.train_loader, "bad_data", {}) or {}),
         "wall_s": wall_s,
     }
-    if run.last_eval is not None:
+    if run.last_eval is not None and "chance" in run.last_eval:  # retrieval (other runs pass theirs in extra)
         r = run.last_eval
         for task in ("t2v", "v2t", "v2a"):
             if task in r:
@@ -210,4 +217,5 @@ def write_summary(run: "RunState", status: str, wall_s: float) -> Dict[str, Any]
         summary["chance_r1"] = r["chance"]["r1"]
         summary["chance_medr"] = r["chance"]["medr"]
         summary["eval_clips"] = int(r["chance"]["candidates"])
+    summary.update(extra or {})
     return write_json(run.run_dir / "summary.json", summary)
