@@ -123,6 +123,8 @@ def compile_model(model: nn.Module, raw_model: nn.Module, scope: str, backend: s
         raise ValueError("--compile-scope blocks: the model has no Transformer Block to compile; use --compile-scope model")
     for block in blocks:
         block.compile(backend=backend)
+        # The fused path (CUDA, impl auto/triton) calls forward_fused from the encoder, not the module.
+        block.forward_fused = torch.compile(block.forward_fused, backend=backend)
 
 
 def build_optimizer(model: nn.Module, args: argparse.Namespace, config: VATTConfig, device: torch.device) -> torch.optim.Optimizer:
