@@ -24,10 +24,14 @@ from typing import Callable, Dict, Optional
 import torch
 
 __all__ = [
+    "INTERPRETING",
     "IMPLS",
     "ENV_VAR",
     "default_impl",
     "get_triton",
+    "launch",
+    "library_op",
+    "sm_count",
     "has_triton",
     "register_triton",
     "resolve_impl",
@@ -73,6 +77,45 @@ def triton_available() -> bool:
     """Whether the ``triton`` package is installed (checked once, at import; a plain constant
     so that ``torch.compile`` traces :func:`resolve_impl` without a warning)."""
     return _TRITON_INSTALLED
+
+
+# Whether Triton kernels run in the interpreter, fixed at import like the kernels' own mode (the
+# root conftest.py sets TRITON_INTERPRET before vatt_fast.kernels is imported).
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def library_op(name: str):
+    """The ``torch.library`` decorator for a Triton core op ``name`` (``"vatt_fast::<op>"``).
+
+    Compiled Triton (a GPU): ``triton_op``, so ``torch.compile`` traces into the kernels it
+    launches with :func:`launch`. Under ``TRITON_INTERPRET=1``: an opaque ``custom_op`` (give it a
+    ``register_fake``), because a ``triton_op`` would run the interpreter on fake tensors.
+    """
+    if INTERPRETING:
+        return torch.library.custom_op(name, mutates_args=())
+    return torch.library.triton_op(name, mutates_args=())
+
+
+def launch(kernel):
+    """``launch(kernel)[grid](...)``: through ``wrap_triton`` inside a ``triton_op``, directly in the
+    interpreter."""
+    if INTERPRETING:
+        return kernel
+    return torch.library.wrap_triton(kernel)
+
+
+_SM_COUNT: Dict[int, int] = {}
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA ``device`` (cached), to size persistent grids; 4 elsewhere
+    (the interpreter, meta tensors while tracing), so that small grids still cross block edges."""
+    if device.type != "cuda":
+        return 4
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNT:
+        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNT[index]
 
 
 def _interpreting() -> bool:

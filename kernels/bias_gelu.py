@@ -45,15 +45,22 @@ Registration as in :mod:`.drop_token_gather` / :mod:`.layer_norm` (fixed at impo
 
 from __future__ import annotations
 
-import functools
 import math
-import os
 from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import get_triton, register_triton, resolve_impl, triton_available
+from ._dispatch import (
+    INTERPRETING,
+    get_triton,
+    launch,
+    library_op,
+    register_triton,
+    resolve_impl,
+    sm_count,
+    triton_available,
+)
 from .layer_norm import SeedLike, _check_p, _check_seed, _seed_tensor, _shape, _threshold, dropout_keep_mask
 
 __all__ = ["bias_gelu_dropout", "bias_gelu_dropout_reference"]
@@ -134,8 +141,6 @@ def bias_gelu_dropout(
 # Triton kernels, launchers and their registration
 # ----------------------------------------------------------------------------------------
 TRITON_AVAILABLE = triton_available()
-# Fixed at import, like the kernels' own mode: which torch.library wrapper the cores get.
-INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 # Test hook: fill every output buffer with NaN before the launch, so an unwritten element shows.
 _POISON_OUTPUT = False
 
@@ -230,16 +235,12 @@ if TRITON_AVAILABLE:
             block_n *= 2
         return 4096 // block_n, block_n, 4
 
-    @functools.lru_cache(maxsize=None)
-    def _num_sms(index: int) -> int:
-        return torch.cuda.get_device_properties(index).multi_processor_count
-
     def _backward_programs(device: torch.device, row_blocks: int, col_blocks: int) -> int:
         """G, the row programs of the backward grid ``(G, col_blocks)``: about eight programs per SM
         in all on a GPU (so the ``[G, H]`` partials stay small), three in the interpreter (so the
         walk over row blocks and the partial sums are exercised)."""
         if device.type == "cuda":
-            sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+            sms = sm_count(device)
             target = max(1, 8 * sms // col_blocks)
         else:
             target = 3
@@ -250,17 +251,7 @@ if TRITON_AVAILABLE:
             return torch.full(shape, float("nan"), dtype=dtype, device=device)
         return torch.empty(shape, dtype=dtype, device=device)
 
-    if INTERPRETING:
-        def _library_op(name):
-            return torch.library.custom_op(name, mutates_args=())
-
-        def _launch(kernel):
-            return kernel
-    else:
-        def _library_op(name):
-            return torch.library.triton_op(name, mutates_args=())
-
-        _launch = torch.library.wrap_triton
+    _library_op, _launch = library_op, launch  # module names: the tests patch _launch
 
     @_library_op("vatt_fast::bias_gelu_dropout")
     def _fwd_op(

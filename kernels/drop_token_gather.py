@@ -48,12 +48,11 @@ arithmetic beyond one add per element. Without Triton installed nothing is regis
 
 from __future__ import annotations
 
-import os
 from typing import Optional, Tuple
 
 import torch
 
-from ._dispatch import get_triton, register_triton, resolve_impl, triton_available
+from ._dispatch import INTERPRETING, get_triton, launch, library_op, register_triton, resolve_impl, triton_available
 
 __all__ = ["check_keep", "drop_token_gather", "drop_token_gather_reference", "select_tokens"]
 
@@ -194,8 +193,6 @@ def drop_token_gather(
 # Triton kernels, launchers and their registration
 # ----------------------------------------------------------------------------------------
 TRITON_AVAILABLE = triton_available()
-# Fixed at import, like the kernels' own mode: which torch.library wrapper the cores get.
-INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 # Test hook: fill the forward output with NaN before the launch, so an unwritten element shows.
 _POISON_OUTPUT = False
 
@@ -286,17 +283,7 @@ if TRITON_AVAILABLE:
             block_d *= 2
         return 2048 // block_d, block_d
 
-    if INTERPRETING:
-        def _library_op(name):
-            return torch.library.custom_op(name, mutates_args=())
-
-        def _launch(kernel):
-            return kernel
-    else:
-        def _library_op(name):
-            return torch.library.triton_op(name, mutates_args=())
-
-        _launch = torch.library.wrap_triton
+    _library_op, _launch = library_op, launch  # module names: the tests patch _launch
 
     @_library_op("vatt_fast::drop_token_gather")
     def _gather_op(x: torch.Tensor, keep: torch.Tensor, pos: Optional[torch.Tensor]) -> torch.Tensor:

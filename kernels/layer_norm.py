@@ -53,15 +53,22 @@ with compiled Triton, ``custom_op`` + ``register_fake`` under ``TRITON_INTERPRET
 
 from __future__ import annotations
 
-import functools
 import numbers
-import os
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import get_triton, register_triton, resolve_impl, triton_available
+from ._dispatch import (
+    INTERPRETING,
+    get_triton,
+    launch,
+    library_op,
+    register_triton,
+    resolve_impl,
+    sm_count,
+    triton_available,
+)
 
 __all__ = ["MAX_TRITON_DIM", "dropout_add_layer_norm", "dropout_add_layer_norm_reference", "dropout_keep_mask"]
 
@@ -280,8 +287,6 @@ def dropout_add_layer_norm(
 # Triton kernels, launchers and their registration
 # ----------------------------------------------------------------------------------------
 TRITON_AVAILABLE = triton_available()
-# Fixed at import, like the kernels' own mode: which torch.library wrapper the cores get.
-INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 # Test hook: fill every output buffer with NaN before the launch, so an unwritten element shows.
 _POISON_OUTPUT = False
 
@@ -426,14 +431,10 @@ if TRITON_AVAILABLE:
         num_warps = max(1, min(8, block_m * block_d // 512))
         return block_m, block_d, num_warps
 
-    @functools.lru_cache(maxsize=None)
-    def _num_sms(index: int) -> int:
-        return torch.cuda.get_device_properties(index).multi_processor_count
-
     def _backward_programs(device: torch.device, row_blocks: int) -> int:
         """G of the backward grid: a few programs per SM on a GPU (so the ``[G, D]`` partials stay
         small), a handful in the interpreter."""
-        per_device = 4 * _num_sms(device.index if device.index is not None else torch.cuda.current_device()) \
+        per_device = 4 * sm_count(device) \
             if device.type == "cuda" else 4
         return max(1, min(row_blocks, per_device))
 
@@ -442,17 +443,7 @@ if TRITON_AVAILABLE:
             return torch.full(shape, float("nan"), dtype=dtype, device=device)
         return torch.empty(shape, dtype=dtype, device=device)
 
-    if INTERPRETING:
-        def _library_op(name):
-            return torch.library.custom_op(name, mutates_args=())
-
-        def _launch(kernel):
-            return kernel
-    else:
-        def _library_op(name):
-            return torch.library.triton_op(name, mutates_args=())
-
-        _launch = torch.library.wrap_triton
+    _library_op, _launch = library_op, launch  # module names: the tests patch _launch
 
     @_library_op("vatt_fast::dropout_add_layer_norm")
     def _fwd_op(

@@ -109,13 +109,21 @@ launching through ``wrap_triton`` (``torch.compile`` traces into the kernels); u
 
 from __future__ import annotations
 
-import os
 from typing import Callable, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from ._dispatch import default_impl, get_triton, register_triton, resolve_impl, triton_available
+from ._dispatch import (
+    INTERPRETING,
+    default_impl,
+    get_triton,
+    launch,
+    library_op,
+    register_triton,
+    resolve_impl,
+    triton_available,
+)
 
 __all__ = ["MIL_NCE_IMPLS", "mil_nce", "mil_nce_chunked", "mil_nce_reference", "nce", "nce_reference"]
 
@@ -608,8 +616,6 @@ def nce(
 # Triton kernels, launchers and their registration
 # ----------------------------------------------------------------------------------------
 TRITON_AVAILABLE = triton_available()
-# Fixed at import, like the kernels' own mode: which torch.library wrapper the cores get.
-INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 # Test hook: fill the forward output with NaN before the launch, so an unwritten element shows.
 _POISON_OUTPUT = False
 
@@ -746,17 +752,7 @@ if TRITON_AVAILABLE:
             PRECISION=fp32 if dtype == torch.float32 or INTERPRETING else None,
         ), fp32, (4 if block_d <= 128 else 8)
 
-    if INTERPRETING:
-        def _library_op(name):
-            return torch.library.custom_op(name, mutates_args=())
-
-        def _launch(kernel):
-            return kernel
-    else:
-        def _library_op(name):
-            return torch.library.triton_op(name, mutates_args=())
-
-        _launch = torch.library.wrap_triton
+    _library_op, _launch = library_op, launch  # module names: the tests patch _launch
 
     def _strides(anchors: torch.Tensor, cands: torch.Tensor) -> Tuple[int, int, int, int]:
         return anchors.stride(0), anchors.stride(1), cands.stride(0), cands.stride(1)

@@ -24,13 +24,21 @@ flattened Conv3d output ``[B, D, Tp, Hp, Wp].flatten(2).transpose(1, 2)``.
 from __future__ import annotations
 
 import numbers
-import os
 from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import get_triton, register_triton, resolve_impl, triton_available
+from ._dispatch import (
+    INTERPRETING,
+    get_triton,
+    launch,
+    library_op,
+    register_triton,
+    resolve_impl,
+    sm_count,
+    triton_available,
+)
 from .drop_token_gather import check_keep, select_tokens
 
 __all__ = ["PatchGeometry", "check_patch_embed_args", "patch_embed", "patch_embed_reference"]
@@ -330,8 +338,6 @@ def patch_embed(
 # Triton kernels, launchers and their registration
 # ----------------------------------------------------------------------------------------
 TRITON_AVAILABLE = triton_available()
-# Fixed at import, like the kernels' own mode: which torch.library wrapper the cores get.
-INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 # Test hook: fill the forward output with NaN before the launch, so an unwritten element shows.
 _POISON_OUTPUT = False
 
@@ -512,27 +518,7 @@ if TRITON_AVAILABLE:
             dw_ptr + dw_rows[:, None] * K + k.to(tl.int64)[None, :], acc, mask=mask_d[:, None] & mask_k[None, :]
         )
 
-    if INTERPRETING:
-        def _library_op(name):
-            return torch.library.custom_op(name, mutates_args=())
-
-        def _launch(kernel):
-            return kernel
-    else:
-        def _library_op(name):
-            return torch.library.triton_op(name, mutates_args=())
-
-        _launch = torch.library.wrap_triton
-
-    _SM_COUNT = {}
-
-    def _sm_count(device: torch.device) -> int:
-        if device.type != "cuda":
-            return 4
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        if index not in _SM_COUNT:
-            _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
-        return _SM_COUNT[index]
+    _library_op, _launch = library_op, launch  # module names: the tests patch _launch
 
     def _precision(dtype: torch.dtype) -> str:
         """fp32 products in TF32 exactly when PyTorch's own matmuls are (``allow_tf32``)."""
@@ -617,7 +603,7 @@ if TRITON_AVAILABLE:
         tiles = triton.cdiv(D, cfg["BLOCK_D"]) * triton.cdiv(K, cfg["BLOCK_K"])
         # Split the reduction over rows when the [D, K] tiles alone cannot fill the GPU; the
         # partial sums go to separate slices, summed after (deterministic, no atomics).
-        split = max(1, min(triton.cdiv(M, 4 * cfg["BLOCK_M"]), triton.cdiv(2 * _sm_count(x.device), tiles)))
+        split = max(1, min(triton.cdiv(M, 4 * cfg["BLOCK_M"]), triton.cdiv(2 * sm_count(x.device), tiles)))
         rows_per_split = triton.cdiv(triton.cdiv(M, split), cfg["BLOCK_M"]) * cfg["BLOCK_M"]
         split = triton.cdiv(M, rows_per_split)
         partial = torch.empty((split, D, K), dtype=torch.float32, device=grad.device)
