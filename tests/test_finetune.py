@@ -131,12 +131,13 @@ def test_resume_is_exact(straight, tiny_run, tiny_data, tmp_path):
     main(argv)
     main(["--resume", "auto", "--out", str(out), "--steps", "6", "--log-every", "1", "--workers", "0",
           "--no-progress", "--device", "cpu", "--loader", "pyav", "--peak-tflops", "0.1"])  # fmt: skip
-    # The first steps match bit for bit; after the resume the gradients may differ in the last bits
-    # (a fresh process's buffers sit at other addresses and oneDNN's CPU kernels pick their blocking
-    # by alignment; measured: grad norm and loss rel 1e-7, weights 7e-9). A lost momentum buffer or
-    # schedule, or a replayed batch, moves the loss by 1e-3 or more.
+    # The steps before the resume match bit for bit; from the first resumed step on (its forward
+    # included: with ATEN_CPU_CAPABILITY=default the loss of step 4 differs by 9e-8 relative) the
+    # rebuilt model's buffers sit at other addresses and the CPU kernels may block differently
+    # (measured: grad norm and loss rel 1e-7, weights 7e-9). A lost momentum buffer or schedule,
+    # or a replayed batch, moves the loss by 1e-3 or more.
     ours, theirs = [r["loss"] for r in read_rows(out)], [r["loss"] for r in read_rows(ref)]
-    assert ours[:4] == theirs[:4] and ours == pytest.approx(theirs, rel=1e-6, abs=0)
+    assert ours[:3] == theirs[:3] and ours == pytest.approx(theirs, rel=1e-6, abs=0)
     a = load_file(str(find_latest(out) / "model.safetensors"))
     b = load_file(str(find_latest(ref) / "model.safetensors"))
     assert a.keys() == b.keys()
