@@ -30,7 +30,6 @@ import datetime as _dt
 import json
 import logging
 import math
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,7 +63,7 @@ from vatt_fast.finetuning.recipe import (
 from vatt_fast.io import atomic_write
 from vatt_fast.models.config import VATTConfig
 from vatt_fast.training.loop import DeviceBatches, RunState, StopSignals, closing_loaders, save, train_steps
-from vatt_fast.training.params import FLAGS, Flag, fill_defaults, parse_args
+from vatt_fast.training.params import FLAGS, Flag, fill_defaults, parse_args, run_cli
 from vatt_fast.training.precision import autocast, pick_device, resolve_precision
 from vatt_fast.training.resume import RESUMED_ARGS, ResumePoint, check_resume, find_resume, restore
 from vatt_fast.training.run_folder import (
@@ -478,16 +477,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 
 def cli() -> None:
     """Console entry point ``vatt-finetune``: errors become one line and exit status 1."""
-    try:
-        main()
-    except (ValueError, FileNotFoundError, NotADirectoryError, ImportError, RuntimeError) as e:
-        logging.getLogger("vatt_fast").error("%s", e)
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    finally:
-        if is_dist():
-            dist.destroy_process_group()
-
+    run_cli(main)
 
 if __name__ == "__main__":
     cli()

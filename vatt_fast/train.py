@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Tuple
@@ -42,7 +41,7 @@ from vatt_fast.training.loop import (
     train_one_epoch,
     train_steps,
 )
-from vatt_fast.training.params import build_parser, fill_defaults, parse_args
+from vatt_fast.training.params import build_parser, fill_defaults, parse_args, run_cli
 from vatt_fast.training.precision import pick_device, resolve_precision
 from vatt_fast.training.resume import ResumePoint, check_resume, find_resume, restore
 from vatt_fast.training.run_folder import (
@@ -199,16 +198,7 @@ def _report(run: RunState, status: str, wall_s: float) -> Dict[str, Any]:
 
 def cli() -> None:
     """Console entry point ``vatt-train``: errors become one line and exit status 1."""
-    try:
-        main()
-    except (ValueError, FileNotFoundError, NotADirectoryError, ImportError, RuntimeError) as e:
-        logging.getLogger("vatt_fast").error("%s", e)
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    finally:
-        if is_dist():
-            dist.destroy_process_group()
-
+    run_cli(main)
 
 if __name__ == "__main__":
     cli()

@@ -11,7 +11,7 @@ import argparse
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
@@ -210,3 +210,24 @@ def fill_defaults(args: argparse.Namespace, config: VATTConfig) -> None:
     for key, low in at_least:
         if getattr(args, key) < low:
             raise ValueError(f"--{key.replace('_', '-')} must be {'at least 1' if low else '>= 0'}, got {getattr(args, key)}")
+
+
+def run_cli(main: Callable[[], Any]) -> None:
+    """A console entry point around ``main`` (``vatt-train``, ``vatt-finetune``): an error a user can
+    fix becomes one line on stderr and exit status 1; the process group is always torn down."""
+    import logging
+    import sys
+
+    import torch.distributed as dist
+
+    from vatt_fast.distributed import is_dist
+
+    try:
+        main()
+    except (ValueError, FileNotFoundError, NotADirectoryError, ImportError, RuntimeError) as e:
+        logging.getLogger("vatt_fast").error("%s", e)
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    finally:
+        if is_dist():
+            dist.destroy_process_group()
