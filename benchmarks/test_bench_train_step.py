@@ -7,8 +7,9 @@ Shapes: the ``tiny`` preset (batch 32, its training batch) on CPU in fp32; on CU
 autocast the ``base`` (Base video/audio, Small text) and ``medium`` (the paper's MBS)
 presets at batch 32 and 64 per GPU, with the presets' dropout and DropToken.
 "reference" = plain PyTorch kernels and explicit-softmax attention (timed at batch 32);
-"fast" = the default dispatch (``impl="auto"``: Triton kernels where registered on CUDA;
-``attention="auto"``: the fastest backend that serves the call), fused AdamW on CUDA.
+"fast" = the trainer's default (``impl="auto"``: Triton kernels where registered on CUDA;
+``attention="auto"``: the fastest backend that serves the call; under bf16 the compute copies of
+the Linear weights, ``--bf16-weights auto``), fused AdamW on CUDA.
 
 Correctness before timing, on a batch of 8 clips of the same preset with dropout off (so
 every path sees the same DropToken draw) and the heads' BatchNorms in eval mode, for the
@@ -34,6 +35,7 @@ from bench_utils import assert_parity, max_error, record, seconds, time_it
 from vatt_fast.flops import measure_cpu_peak, peak_flops, train_step_flops
 from vatt_fast.models import create_model
 from vatt_fast.nn.losses import VATTLoss
+from vatt_fast.training.compute_weights import ComputeWeights
 
 IMPLS = {"reference": ("reference", "math"), "fast": ("auto", "auto")}
 # Parameters whose gradients are checked: one per kind of op the fast path may replace.
@@ -85,14 +87,25 @@ def _loss_and_grads(model, batch, impl, autocast_dtype):
     kernels, attention = IMPLS[impl]
     model.set_kernel_impl(kernels).set_attention_backend(attention)
     device = batch["video"].device
+    cw = _compute_weights(model, impl, autocast_dtype)
     torch.manual_seed(0)  # the same DropToken draw in every run
     with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-        out = model(batch)
+        out = model(batch) if cw is None else cw(batch)
     loss = VATTLoss(impl=kernels)({**out, "text_mask": batch["text_mask"]})["loss"]
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    if cw is not None:
+        cw.grads_to_params()
     params = dict(model.named_parameters())
     # A parameter the path does not reach gets a zero gradient, which the comparison then reports.
-    grads = torch.autograd.grad(loss, [params[name] for name in CHECKED], allow_unused=True, materialize_grads=True)
-    return [loss.detach()] + list(grads)
+    grads = [params[name].grad if params[name].grad is not None else torch.zeros_like(params[name]) for name in CHECKED]
+    return [loss.detach()] + [g.clone() for g in grads]
+
+
+def _compute_weights(model, impl, autocast_dtype):
+    """The trainer's bf16 compute copies of the Linear weights (``--bf16-weights auto``) on the fast
+    path under bf16 autocast; None otherwise."""
+    return ComputeWeights(model) if impl == "fast" and autocast_dtype == torch.bfloat16 else None
 
 
 @functools.lru_cache(maxsize=None)
@@ -146,13 +159,19 @@ def test_train_step(benchmark, preset, device_type, batch_size, impl):
     loss_fn = VATTLoss(impl=kernels)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, eps=cfg.adam_eps, fused=device.type == "cuda")
 
+    cw = _compute_weights(model, impl, autocast_dtype)
+
     def step():
         with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-            out = model(batch)
+            out = model(batch) if cw is None else cw(batch)
         loss = loss_fn({**out, "text_mask": batch["text_mask"]})["loss"]
         loss.backward()
+        if cw is not None:
+            cw.grads_to_params()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if cw is not None:
+            cw.refresh()
         return loss.detach()
 
     if device.type == "cuda":
@@ -168,7 +187,7 @@ def test_train_step(benchmark, preset, device_type, batch_size, impl):
     t = seconds(benchmark)  # None under --benchmark-disable
     record(
         benchmark, flops=flops, preset=preset, impl=impl, device=device_label, precision=precision,
-        batch_size=batch_size, peak_mem_gb=None if memory is None else round(memory, 2),
+        batch_size=batch_size, bf16_weights=cw is not None, peak_mem_gb=None if memory is None else round(memory, 2),
         peak_tflops=None if peak is None else round(peak / 1e12, 2),
         clips_per_s=None if t is None else round(batch_size / t, 2),
         mfu=None if t is None or peak is None else round(flops / t / peak, 4),

@@ -326,6 +326,36 @@ def test_bf16_autocasts_and_matches_fp32(tiny_data, tmp_path, stable_adam, eager
     assert all(math.isfinite(x) for x in losses)
 
 
+def test_bf16_weights_run_on_copies_with_the_numbers_of_autocast(tiny_data, tmp_path, monkeypatch):
+    """--bf16-weights on: every Linear sees a bf16 weight in the forward, and the run's losses and
+    final fp32 weights are those of plain autocast (--bf16-weights off), bit for bit; resuming
+    such a run (the copies rebuilt from the loaded fp32 weights) is exact too."""
+    seen = set()
+    real_forward = torch.nn.Linear.forward
+
+    def spy(self, x):
+        if torch.is_grad_enabled():  # training steps (the final evaluation runs on the fp32 weights)
+            seen.add(self.weight.dtype)
+        return real_forward(self, x)
+
+    off = main(train_argv(tiny_data, tmp_path / "off", 4, 4, "--precision", "bf16", "--bf16-weights", "off"))
+    assert seen == set()  # (the spy is not installed yet)
+    monkeypatch.setattr(torch.nn.Linear, "forward", spy)
+    main(train_argv(tiny_data, tmp_path / "on", 4, 4, "--precision", "bf16", "--bf16-weights", "on"))
+    assert seen == {torch.bfloat16}
+    assert off["precision"] == "bf16"
+    assert [x for _, x in _losses(tmp_path / "on")] == [x for _, x in _losses(tmp_path / "off")]
+    on_w, off_w = _final_weights(tmp_path / "on", 4), _final_weights(tmp_path / "off", 4)
+    assert all(torch.equal(on_w[k], off_w[k]) and on_w[k].dtype == off_w[k].dtype for k in off_w)
+    # 2 steps, then resume for 2 more (--bf16-weights auto: on for this single-process bf16 run):
+    # the same losses as the straight run.
+    seen.clear()
+    main(train_argv(tiny_data, tmp_path / "split", 2, 4, "--total-steps", "4", "--precision", "bf16"))
+    main(train_argv(tiny_data, tmp_path / "split", 4, 4, "--precision", "bf16", "--resume", "auto"))
+    assert seen == {torch.bfloat16}
+    assert [x for _, x in _losses(tmp_path / "split")] == [x for _, x in _losses(tmp_path / "on")]
+
+
 def test_activation_checkpointing_recomputes_and_matches_eager(tiny_data, tmp_path, stable_adam, eager_reference, monkeypatch):
     plain = _Recorder().install(monkeypatch)
     main(train_argv(tiny_data, tmp_path / "plain", 1, 4, *_BASE))

@@ -28,6 +28,7 @@ from vatt_fast.checkpoint import set_rng_state
 from vatt_fast.distributed import get_world_size, init_distributed, is_dist
 from vatt_fast.metrics import format_retrieval_table
 from vatt_fast.models.config import VATTConfig
+from vatt_fast.training.compute_weights import resolve_compute_weights
 from vatt_fast.training.loop import (
     CompileError,
     DeviceBatches,
@@ -151,10 +152,11 @@ def build_run(
     optimizer = build_optimizer(model, args, config, device)
     if args.compile:
         compile_model(model, raw_model, args.compile_scope, args.compile_backend)
+    compute_weights = resolve_compute_weights(args, model, precision, world)
     train_loader, eval_loader = build_loaders(args, config, data_dir, device, world)
     return RunState(args=args, config=config, model=model, raw_model=raw_model, loss_fn=build_loss(args, config),
                     optimizer=optimizer, device=device, precision=precision, world_size=world, run_dir=run_dir,
-                    train_loader=train_loader, eval_loader=eval_loader,
+                    train_loader=train_loader, eval_loader=eval_loader, compute_weights=compute_weights,
                     peak_flops=resolve_peak_flops(args, device, precision))  # fmt: skip
 
 

@@ -118,6 +118,8 @@ class RunState:
     tokens_per_clip: Optional[int] = None  # tokens per training clip (default: VATT's, from the config)
     extra_meta: Dict[str, Any] = field(default_factory=dict)  # added to every checkpoint's meta.json
     command: str = "python -m vatt_fast.train"  # named in the messages on how to continue a run
+    # bf16 copies of the Linear weights the forward runs on (--bf16-weights; training.compute_weights)
+    compute_weights: Optional[Any] = None
 
     @property
     def is_main(self) -> bool:
@@ -187,12 +189,14 @@ def train_step(run: RunState, batch: Dict[str, torch.Tensor]) -> Optional[Dict[s
         losses = run.forward_loss(run, batch)
     else:
         with autocast(run.device, run.precision):
-            out = run.model(batch)
+            out = run.model(batch) if run.compute_weights is None else run.compute_weights(batch)
         losses = run.loss_fn({**out, "text_mask": batch["text_mask"]})
     loss = losses["loss"]
     # DDP/FSDP average gradients over ranks; the loss gives each rank the single-process
     # gradient of its rows, so scale by the world size to get the global-batch gradient.
     (loss * run.world_size if run.world_size > 1 else loss).backward()
+    if run.compute_weights is not None:
+        run.compute_weights.grads_to_params()  # bf16 copies' gradients -> fp32 .grad, one multi-tensor copy
     # The global gradient norm (clipped to --grad-clip when set); logged, and a check on
     # distributed runs: it must equal one process's on the same global batch.
     if run.clip_grads is not None:
@@ -221,6 +225,8 @@ def train_step(run: RunState, batch: Dict[str, torch.Tensor]) -> Optional[Dict[s
     run.consecutive_nonfinite = 0
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
+    if run.compute_weights is not None:
+        run.compute_weights.refresh()  # updated fp32 weights -> bf16 copies, one multi-tensor copy
     return {**dict(zip(keys, values)), "lr": lr}
 
 

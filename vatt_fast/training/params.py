@@ -19,6 +19,7 @@ from vatt_fast.data.loader import LOADERS
 from vatt_fast.kernels import IMPLS as KERNELS
 from vatt_fast.models.config import VATTConfig, list_presets
 from vatt_fast.nn.attention import BACKENDS as ATTENTION
+from vatt_fast.training.compute_weights import COMPUTE_WEIGHTS
 
 __all__ = [
     "ATTENTION",
@@ -70,6 +71,9 @@ FLAGS: Tuple[Flag, ...] = (
           "preset's (0)"),
     _flag("--grad-clip", type=float, default=0.0, help="clip the global gradient norm to this value (0: off, as VATT)"),
     _flag("--precision", default="auto", choices=PRECISIONS, help="auto: bf16 autocast on CUDA, fp32 on CPU"),
+    _flag("--bf16-weights", default="auto", choices=COMPUTE_WEIGHTS, help="bf16 copies of the Linear weights, "
+          "refreshed once per optimizer step, instead of autocast's casts in every forward and backward (same "
+          "arithmetic, fewer kernels). auto: on for a single-process bf16 run; off: plain autocast"),
     _flag("--device", default="auto", choices=DEVICES, help="auto: CUDA when available (cuda:LOCAL_RANK under torchrun)"),
     _flag("--compile", action="store_true", help="torch.compile the model"),
     _flag("--compile-scope", default="model", choices=("model", "blocks"), help="with --compile: the whole model "
