@@ -12,6 +12,7 @@ benchmarks that finished (``scripts/gpu_check.sh`` prints them).
 
 from __future__ import annotations
 
+import datetime as _dt
 import functools
 import json
 import os
@@ -117,7 +118,29 @@ def record(benchmark: Any, flops: Optional[float] = None, bytes_moved: Optional[
     if log:
         test = os.environ.get("PYTEST_CURRENT_TEST", "?").rsplit(" ", 1)[0]
         with open(log, "a") as f:
-            f.write(json.dumps({"test": test, **benchmark.extra_info}, default=str) + "\n")
+            f.write(json.dumps({"test": test, **provenance(), **benchmark.extra_info}, default=str) + "\n")
+
+
+@functools.lru_cache(maxsize=None)
+def provenance() -> dict:
+    """Where and how a figure was measured, kept with it in the JSON lines (and so in RESULTS.md):
+    the machine (GPU name or CPU), the date (UTC), torch/Triton versions and the command."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    argv = [Path(sys.argv[0]).name if i == 0 else a for i, a in enumerate(sys.argv)]
+    if argv and argv[0] in ("pytest", "__main__.py", "py.test"):
+        argv[0] = "pytest"
+    return {
+        "card": machine(),
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d"),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "command": " ".join(argv),
+    }
 
 
 def record_loader_throughput(benchmark: Any, spec: Any, batch_size: int, per_round: int, **extra: Any) -> None:

@@ -155,7 +155,9 @@ figures "$OUT/benchmarks.jsonl" | tee -a "$OUT/results.md"
 part tests "$TESTS_TIMEOUT" tests -k cuda -m "not distributed" --continue-on-collection-errors
 
 say ""
-$PY scripts/gpu_summary.py "$OUT" | tee -a "$OUT/results.md"
+# The summary tables, and the results page of this run ($OUT/RESULTS.md). To publish it: copy the
+# *.jsonl files into benchmarks/results/ and regenerate benchmarks/RESULTS.md from that folder.
+$PY scripts/gpu_summary.py "$OUT" --page "$OUT/RESULTS.md" | tee -a "$OUT/results.md"
 
 say ""
 say "total $((SECONDS - START)) s; $([ $FAILED = 0 ] && echo 'every part passed' || echo 'SOME PART FAILED')"

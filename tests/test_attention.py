@@ -614,3 +614,115 @@ def test_auto_picks_the_first_backend_that_passed_its_probe(device):
             assert usable, report
             assert resolve_backend("auto", q, has_bias=has_bias) == usable[0]
             assert report["sdpa"] is None and report["math"] is None, report
+
+
+# --- flash-attn-4 (flash_attn.cute): routed through a stand-in with its calling convention ----------
+
+
+@pytest.fixture
+def fake_flash_attn_4(monkeypatch):
+    """A "flash_attn.cute" module that serves CPU tensors with flash-attn-4's calling convention:
+    ``flash_attn_func(q, k, v, softmax_scale=...) -> (out, lse)``, no dropout or bias argument."""
+    import sys
+    import types
+
+    calls = []
+
+    def flash_attn_func(q, k, v, softmax_scale=None, causal=False, return_lse=False):
+        assert not causal
+        calls.append(dict(shape=tuple(q.shape), scale=softmax_scale))
+        out = attn_mod._math_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, 0.0,
+                                       softmax_scale)
+        lse = torch.zeros(q.shape[0], q.shape[2], q.shape[1])
+        return out.transpose(1, 2), lse
+
+    cute = types.ModuleType("flash_attn.cute")
+    cute.flash_attn_func = flash_attn_func
+    monkeypatch.setitem(sys.modules, "flash_attn.cute", cute)
+    monkeypatch.setattr(attn_mod, "_installed", lambda name: name == "flash_attn.cute" or attn_mod.importlib.util
+                        .find_spec(name.split(".")[0]) is not None)
+    monkeypatch.setattr(attn_mod, "_VERDICTS", {})
+    monkeypatch.setattr(attn_mod, "_KERNELS", {k: v for k, v in attn_mod._KERNELS.items() if k != "flash_attn_4"})
+    monkeypatch.setattr(attn_mod, "_UNUSABLE", {k: v for k, v in attn_mod._UNUSABLE.items() if k != "flash_attn_4"})
+    monkeypatch.setitem(attn_mod._DEVICE_TYPES, "flash_attn_4", ("cuda", "cpu"))
+    monkeypatch.setattr(attn_mod, "_HALF_DTYPES", (torch.float16, torch.bfloat16, torch.float32))  # CPU fp32 stand-in
+    return calls
+
+
+def test_flash_attn_4_is_called_with_its_convention(fake_flash_attn_4):
+    calls = fake_flash_attn_4
+    assert "flash_attn_4" in available_backends()
+    module = Attention(64, 4, backend="flash_attn_4")
+    x = torch.randn(2, 7, 64)
+    out = module(x)
+    assert [c["shape"][1] for c in calls] == [attn_mod._PROBE_SHAPE[1], 7]  # probe, then the call
+    assert calls[-1]["scale"] == pytest.approx(16 ** -0.5)
+    module.backend = "math"
+    torch.testing.assert_close(out, module(x), rtol=0, atol=0)  # the stand-in computes with math
+
+
+@pytest.mark.parametrize("what, kwargs, match", [
+    ("dropout", dict(dropout=True), "flash_attn_4 has no attention dropout"),
+    ("bias", dict(has_bias=True), "flash_attn_4 takes no additive attention bias"),
+])
+def test_flash_attn_4_refuses_what_it_lacks(fake_flash_attn_4, what, kwargs, match):
+    q = torch.randn(1, 5, 2, 16)
+    with pytest.raises(RuntimeError, match=match):
+        resolve_backend("flash_attn_4", q, has_bias=kwargs.get("has_bias", False), dropout=kwargs.get("dropout", False))
+    # auto goes past it to sdpa, without probing it
+    assert resolve_backend("auto", q, has_bias=kwargs.get("has_bias", False), dropout=kwargs.get("dropout", False)) \
+        == "sdpa"
+    assert fake_flash_attn_4 == []
+
+
+def test_flash_attn_4_refuses_fp32_and_odd_head_dims(monkeypatch, fake_flash_attn_4):
+    monkeypatch.setattr(attn_mod, "_HALF_DTYPES", (torch.float16, torch.bfloat16))
+    with pytest.raises(RuntimeError, match="flash_attn_4 needs float16 or bfloat16 inputs, got torch.float32"):
+        resolve_backend("flash_attn_4", torch.randn(1, 5, 2, 16), has_bias=False)
+    with pytest.raises(RuntimeError, match="head_dim a multiple of 8 and <= 256, got 12"):
+        resolve_backend("flash_attn_4", torch.randn(1, 5, 2, 12, dtype=torch.bfloat16), has_bias=False)
+
+
+def test_flash_attn_4_missing_says_how_to_install(monkeypatch):
+    monkeypatch.setattr(attn_mod, "_KERNELS", {k: v for k, v in attn_mod._KERNELS.items() if k != "flash_attn_4"})
+    monkeypatch.setattr(attn_mod, "_UNUSABLE", {})
+    monkeypatch.setattr(attn_mod, "_installed", lambda name: False)
+    with pytest.raises(RuntimeError, match=r"'flash_attn_4' is unusable: the flash-attn-4 package is not installed.*"
+                                           r"pip install flash-attn-4"):
+        Attention(64, 2, backend="flash_attn_4")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("preset", ["tiny", "base"])
+def test_every_tower_reaches_a_fused_sdpa_kernel_on_cuda(preset, monkeypatch):
+    """Pretraining's calls (bf16, attention dropout 0.1; the text tower with its T5 bias and padding)
+    all run on SDPA with its math kernel switched off, so each tower reaches a fused kernel
+    (flash, memory-efficient or cuDNN) and none falls back to an unfused softmax."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from vatt_fast.models import create_model
+
+    used = []
+    real_run = attn_mod._run
+    monkeypatch.setattr(attn_mod, "_run", lambda impl, *a: used.append(impl) or real_run(impl, *a))
+    monkeypatch.setattr(attn_mod, "_VERDICTS", {})  # probe under the restriction below
+    torch.manual_seed(0)
+    model = create_model(preset, dropout=0.1, attn_dropout=0.1).cuda().train()
+    cfg = model.config
+    B = 2
+    mask = torch.ones(B, cfg.num_captions, dtype=torch.bool)
+    text = torch.randint(1, cfg.vocab_size, (B, cfg.num_captions, cfg.caption_len))
+    text[:, :, cfg.caption_len // 2:] = 0  # padded captions: the text tower gets a padding mask
+    batch = {
+        "video": torch.randint(0, 256, (B, cfg.num_frames, cfg.frame_size, cfg.frame_size, 3), dtype=torch.uint8),
+        "audio": torch.randn(B, cfg.audio_samples),
+        "text": text,
+        "text_mask": mask,
+    }
+    batch = {k: v.cuda() for k, v in batch.items()}
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(batch)
+        sum(v.float().sum() for v in out.values() if torch.is_tensor(v) and v.is_floating_point()).backward()
+    depth = cfg.video_encoder.depth + cfg.audio_encoder.depth + cfg.text_encoder.depth
+    assert len(used) >= depth and set(used) == {"sdpa"}, used

@@ -1,19 +1,23 @@
 """Multi-head self-attention with selectable kernels, and T5 relative position bias.
 
 ``Attention`` keeps timm's ViT parameter names (``qkv``, ``proj``) so timm weights
-load, and routes the softmax(QK^T)V core to one of four backends:
+load, and routes the softmax(QK^T)V core to one of five backends:
 
-========== ====================================================== =====================
-backend    what runs                                               serves
-========== ====================================================== =====================
-flash_attn ``flash_attn.flash_attn_func`` (flash-attn package)      CUDA, fp16/bf16, no
-                                                                   additive bias, Ampere+
-xformers   ``xformers.ops.memory_efficient_attention``              CUDA, any float dtype,
-                                                                   additive bias
-sdpa       ``torch.nn.functional.scaled_dot_product_attention``     everything (picks
-           (FlashAttention / cuDNN / efficient kernels inside)      its own kernel)
-math       explicit softmax, fp32 accumulation: the reference      everything
-========== ====================================================== =====================
+============ ====================================================== =====================
+backend      what runs                                               serves
+============ ====================================================== =====================
+flash_attn   ``flash_attn.flash_attn_func`` (flash-attn package)      CUDA, fp16/bf16, no
+                                                                     additive bias, Ampere+
+flash_attn_4 ``flash_attn.cute.flash_attn_func`` (flash-attn-4, the  CUDA, fp16/bf16, no
+             CuTe-DSL build: Python + nvidia-cutlass-dsl wheels)     additive bias, no
+                                                                     dropout, Hopper or
+                                                                     Blackwell
+xformers     ``xformers.ops.memory_efficient_attention``              CUDA, any float dtype,
+                                                                     additive bias
+sdpa         ``torch.nn.functional.scaled_dot_product_attention``     everything (picks
+             (FlashAttention / cuDNN / efficient kernels inside)      its own kernel)
+math         explicit softmax, fp32 accumulation: the reference      everything
+============ ====================================================== =====================
 
 A backend that imports is not yet a backend that runs: an xformers wheel built for
 another torch imports, then raises ``NotImplementedError`` at its first call. So every
@@ -57,14 +61,16 @@ __all__ = [
 ]
 
 # Every name ``backend=`` accepts: ``auto``, the optional packages, then torch's own.
-BACKENDS = ("auto", "flash_attn", "xformers", "sdpa", "math")
+BACKENDS = ("auto", "flash_attn", "flash_attn_4", "xformers", "sdpa", "math")
 # ``auto``'s preference; the first backend whose probe passed for the call's kind wins.
 # Measured on an H200 (torch 2.11+cu130, medium preset training step, batch 64): sdpa,
 # which dispatched to cuDNN's fused attention, ran 238.8 clips/s against 98.7 for math,
 # and the xformers 0.0.35 wheel from the package index imported but had no CUDA
 # operators. No measurement puts flash_attn or xformers ahead of sdpa, so they are
-# fallbacks behind it, and math is the last resort.
-AUTO_ORDER = ("sdpa", "flash_attn", "xformers", "math")
+# fallbacks behind it, and math is the last resort. flash_attn_4 has not been measured at all
+# (no GPU run has had it installed), so it is a fallback too until a measurement puts it ahead;
+# it cannot serve VATT pretraining anyway (attention dropout 0.1), only dropout-free calls.
+AUTO_ORDER = ("sdpa", "flash_attn", "flash_attn_4", "xformers", "math")
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 _FLASH_MAX_HEAD_DIM = 256
 
@@ -72,10 +78,13 @@ _FLASH_MAX_HEAD_DIM = 256
 # backend -> (module to import, attribute, pip name)
 _OPTIONAL = {
     "flash_attn": ("flash_attn", "flash_attn_func", "flash-attn"),
+    "flash_attn_4": ("flash_attn.cute", "flash_attn_func", "flash-attn-4"),
     "xformers": ("xformers.ops", "memory_efficient_attention", "xformers"),
 }
 # backend -> the device types its package serves (others are refused without a probe)
-_DEVICE_TYPES = {"flash_attn": ("cuda",), "xformers": ("cuda",)}
+_DEVICE_TYPES = {"flash_attn": ("cuda",), "flash_attn_4": ("cuda",), "xformers": ("cuda",)}
+# flash-attn-4's kernels are written for these compute capability majors (Hopper, Blackwell).
+_FA4_MAJORS = (9, 10, 11)
 _KERNELS: Dict[str, Callable[..., Tensor]] = {}
 _UNUSABLE: Dict[str, str] = {}  # backend -> why its package cannot be used
 
@@ -88,7 +97,7 @@ def _kernel(backend: str) -> Optional[Callable[..., Tensor]]:
     """
     if backend not in _KERNELS and backend not in _UNUSABLE:
         module_name, attr, pip_name = _OPTIONAL[backend]
-        if importlib.util.find_spec(module_name.split(".")[0]) is None:
+        if not _installed(module_name):
             _UNUSABLE[backend] = f"the {pip_name} package is not installed"
         else:
             try:
@@ -96,6 +105,15 @@ def _kernel(backend: str) -> Optional[Callable[..., Tensor]]:
             except Exception as err:  # noqa: BLE001 - any import failure makes the backend unusable
                 _UNUSABLE[backend] = f"the {pip_name} package is installed but failed to import ({type(err).__name__}: {err})"
     return _KERNELS.get(backend)
+
+
+def _installed(module_name: str) -> bool:
+    """Whether ``module_name`` can be found, without importing it (beyond its parent packages:
+    ``flash_attn.cute`` lives in a namespace that flash-attn 2 may also fill)."""
+    try:
+        return importlib.util.find_spec(module_name) is not None
+    except (ImportError, ValueError):  # a parent package that is missing or fails to import
+        return importlib.util.find_spec(module_name.split(".")[0]) is not None
 
 
 _CUDA_MAJOR: Dict[int, int] = {}  # device index -> compute capability major
@@ -164,6 +182,29 @@ def _static_refusal(backend: str, kind: _Kind) -> Optional[str]:
             return (
                 f"flash_attn needs an Ampere or newer GPU (compute capability >= 8.0), got "
                 f"{torch.cuda.get_device_name(kind.device)}; use backend='sdpa'"
+            )
+    if backend == "flash_attn_4":
+        if kind.dtype not in _HALF_DTYPES:
+            return (
+                f"flash_attn_4 needs float16 or bfloat16 inputs, got {kind.dtype}; run under "
+                f"torch.autocast('cuda', dtype=torch.bfloat16) or use backend='sdpa'"
+            )
+        if kind.has_bias:
+            return (
+                "flash_attn_4 takes no additive attention bias (a padding mask or relative position bias was "
+                "given); use backend='sdpa'"
+            )
+        if kind.dropout:
+            return (
+                "flash_attn_4 has no attention dropout (VATT pretraining uses 0.1); use backend='sdpa', or "
+                "attn_dropout=0 to use flash_attn_4"
+            )
+        if kind.head_dim % 8 or kind.head_dim > _FLASH_MAX_HEAD_DIM:
+            return f"flash_attn_4 needs head_dim a multiple of 8 and <= {_FLASH_MAX_HEAD_DIM}, got {kind.head_dim}"
+        if kind.device_type == "cuda" and _cuda_major(kind.device) not in _FA4_MAJORS:
+            return (
+                f"flash_attn_4 runs on Hopper or Blackwell GPUs (compute capability 9.x-11.x), got "
+                f"{torch.cuda.get_device_name(kind.device)}; use backend='sdpa' or 'flash_attn'"
             )
     return None
 
@@ -334,7 +375,10 @@ def _check_name(backend: str) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; valid backends: {list(BACKENDS)}")
     if backend in _OPTIONAL and _kernel(backend) is None:
-        install = "pip install flash-attn --no-build-isolation" if backend == "flash_attn" else "pip install xformers"
+        install = {
+            "flash_attn": "pip install flash-attn --no-build-isolation",
+            "flash_attn_4": "pip install flash-attn-4",
+        }.get(backend, "pip install xformers")
         raise RuntimeError(
             f"attention backend {backend!r} is unusable: {_UNUSABLE[backend]}; install a build that "
             f"matches torch {torch.__version__} ({install}) or use backend='auto' or 'sdpa'"
@@ -462,6 +506,10 @@ def _run(
     B, N, H, _ = q.shape
     if impl == "flash_attn":
         return _KERNELS["flash_attn"](q, k, v, dropout_p=dropout_p, softmax_scale=scale)
+    if impl == "flash_attn_4":
+        # No dropout argument (the verdict refused dropout calls); returns (out, lse).
+        out = _KERNELS["flash_attn_4"](q, k, v, softmax_scale=scale)
+        return out[0] if isinstance(out, tuple) else out
     if impl == "xformers":
         bias = None if attn_bias is None else _xformers_bias(attn_bias, B, H, N, q.dtype)
         return _KERNELS["xformers"](q, k, v, attn_bias=bias, p=dropout_p, scale=scale)
