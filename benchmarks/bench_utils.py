@@ -92,6 +92,24 @@ def peak_extra_mb(fn: Callable[[], Any], device: torch.device) -> Optional[float
     return round(extra / 2 ** 20, 2)
 
 
+def largest_fitting(fits: Callable[[int], bool], start: int = 64, cap: int = 4096, step: int = 16) -> int:
+    """The largest batch size ``b`` (a multiple of ``step``, at most ``cap``) with ``fits(b)``, assuming
+    ``fits`` is monotone: doubling from ``start`` until a size fails (or passes ``cap``), then
+    bisecting; 0 when ``start`` itself does not fit."""
+    lo, hi = 0, start
+    while hi <= cap and fits(hi):
+        lo, hi = hi, hi * 2
+    if lo == 0:
+        return 0
+    hi = min(hi, cap + step)
+    while hi - lo > step:
+        mid = (lo + hi) // 2 // step * step
+        if mid <= lo:
+            break
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
 def seconds(benchmark: Any) -> Optional[float]:
     """Median seconds per call, or None when timing is off (``--benchmark-disable``)."""
     stats = getattr(benchmark, "stats", None)

@@ -30,7 +30,7 @@ import gc
 
 import pytest
 import torch
-from bench_utils import assert_parity, max_error, record, seconds, time_it
+from bench_utils import assert_parity, largest_fitting, max_error, record, seconds, time_it
 
 from vatt_fast.flops import measure_cpu_peak, peak_flops, train_step_flops
 from vatt_fast.models import create_model
@@ -188,6 +188,83 @@ def test_train_step(benchmark, preset, device_type, batch_size, impl):
     record(
         benchmark, flops=flops, preset=preset, impl=impl, device=device_label, precision=precision,
         batch_size=batch_size, bf16_weights=cw is not None, peak_mem_gb=None if memory is None else round(memory, 2),
+        peak_tflops=None if peak is None else round(peak / 1e12, 2),
+        clips_per_s=None if t is None else round(batch_size / t, 2),
+        mfu=None if t is None or peak is None else round(flops / t / peak, 4),
+    )
+
+
+def _fits(model, loss_fn, opt, cw, cfg, batch_size, device) -> bool:
+    """Whether two fast-path training steps at ``batch_size`` run without running out of memory."""
+    try:
+        batch = _batch(cfg, batch_size, device)
+        for _ in range(2):
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                out = model(batch) if cw is None else cw(batch)
+            loss_fn({**out, "text_mask": batch["text_mask"]})["loss"].backward()
+            if cw is not None:
+                cw.grads_to_params()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if cw is not None:
+                cw.refresh()
+        torch.cuda.synchronize(device)
+        return True
+    except torch.cuda.OutOfMemoryError:
+        return False
+    finally:
+        opt.zero_grad(set_to_none=True)
+        batch = out = None  # noqa: F841 - drop the references before emptying the cache
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "activation_checkpointing"])
+def test_largest_batch(benchmark, checkpointing):
+    """The largest per-GPU batch of the medium preset's fast bf16 step that fits on this card (doubling
+    from 64, then bisecting to a multiple of 16), timed there: clips/s, MFU and peak memory, with and
+    without activation checkpointing, to say whether checkpointing pays (a larger batch at a higher
+    clips/s). GPU only: on a CPU the question has no answer worth the minutes."""
+    if not torch.cuda.is_available():
+        pytest.skip("the largest batch that fits is measured on a GPU")
+    device = torch.device("cuda")
+    _check("medium", "cuda", "fast")
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.manual_seed(0)
+    model = create_model("medium").to(device)
+    cfg = model.config
+    model.set_kernel_impl("auto").set_attention_backend("auto").set_grad_checkpointing(checkpointing)
+    loss_fn = VATTLoss(impl="auto")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, eps=cfg.adam_eps, fused=True)
+    cw = ComputeWeights(model)
+    batch_size = largest_fitting(lambda b: _fits(model, loss_fn, opt, cw, cfg, b, device), start=64, cap=4096, step=16)
+    if batch_size == 0:
+        pytest.fail(f"medium does not train at batch 64 on {torch.cuda.get_device_name(device)}")
+    batch = _batch(cfg, batch_size, device)
+
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            out = cw(batch)
+        loss = loss_fn({**out, "text_mask": batch["text_mask"]})["loss"]
+        loss.backward()
+        cw.grads_to_params()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        cw.refresh()
+        return loss.detach()
+
+    torch.cuda.reset_peak_memory_stats(device)
+    loss = time_it(benchmark, step, device, rounds=3, warmup_rounds=1)
+    assert torch.isfinite(loss)
+    flops = train_step_flops(cfg, batch_size)
+    peak = peak_flops(device, torch.bfloat16)
+    t = seconds(benchmark)
+    record(
+        benchmark, flops=flops, preset="medium", impl="fast", device=torch.cuda.get_device_name(device),
+        precision="bf16", batch_size=batch_size, activation_checkpointing=checkpointing, bf16_weights=True,
+        memory_gb=round(torch.cuda.get_device_properties(device).total_memory / 2 ** 30, 1),
+        peak_mem_gb=round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 2),
         peak_tflops=None if peak is None else round(peak / 1e12, 2),
         clips_per_s=None if t is None else round(batch_size / t, 2),
         mfu=None if t is None or peak is None else round(flops / t / peak, 4),

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One call on a GPU machine (H100/H200): the bf16 training-step figures, the CUDA kernel
-# benchmarks and the CUDA-parametrised tests, each part under its own timeout (defaults
-# 140 + 130 + 130 s, each plus at most 15 s to stop it: with the setup the whole check
-# ends within about 7.5 minutes even when every part runs out of time), each part's result
+# benchmarks, the largest medium batch that fits, and the CUDA-parametrised tests, each part
+# under its own timeout (defaults 110 + 120 + 80 + 120 s, each plus at most 15 s to stop it,
+# plus up to 60 s for the ceilings: about 8 minutes when parts run out of time, less when they
+# finish), each part's result
 # printed (and appended to $OUT/results.md) as soon as the part ends, so that a run cut
 # off from outside still reports the parts that finished. Benchmarks append one JSON line
 # per finished case to $OUT/<part>.jsonl (see benchmarks/bench_utils.py), so even a part
@@ -10,7 +11,7 @@
 # when unset). Exit status: 0 when every part passed.
 #
 #   bash scripts/gpu_check.sh                    # everything
-#   TESTS_TIMEOUT=200 bash scripts/gpu_check.sh  # per-part limits: TRAIN_, BENCH_, TESTS_TIMEOUT
+#   TESTS_TIMEOUT=200 bash scripts/gpu_check.sh  # per-part limits: TRAIN_, BENCH_, LARGEST_, TESTS_TIMEOUT
 #   DRY_RUN=1 bash scripts/gpu_check.sh          # any machine: collect each part's cases, run none
 #
 # Wheels of packages the machine lacks (PyAV, soundfile, flash-attn, ...) are installed from
@@ -24,9 +25,10 @@ mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 : > "$OUT/results.md"
 PY=${PYTHON:-python3}
-TRAIN_TIMEOUT=${TRAIN_TIMEOUT:-140}
-BENCH_TIMEOUT=${BENCH_TIMEOUT:-130}
-TESTS_TIMEOUT=${TESTS_TIMEOUT:-130}
+TRAIN_TIMEOUT=${TRAIN_TIMEOUT:-110}
+BENCH_TIMEOUT=${BENCH_TIMEOUT:-120}
+LARGEST_TIMEOUT=${LARGEST_TIMEOUT:-80}
+TESTS_TIMEOUT=${TESTS_TIMEOUT:-120}
 DRY_RUN=${DRY_RUN:-0}
 START=$SECONDS
 FAILED=0
@@ -143,12 +145,16 @@ fi
 
 # 1. Training step: bf16 base and medium at batch 32 and 64 (fast path), reference at 32;
 #    each case checks loss and gradients against float64 before it is timed.
-part train_step "$TRAIN_TIMEOUT" benchmarks/test_bench_train_step.py -k cuda --benchmark-only
+part train_step "$TRAIN_TIMEOUT" benchmarks/test_bench_train_step.py -k "cuda and not largest" --benchmark-only
 figures "$OUT/train_step.jsonl" | tee -a "$OUT/results.md"
 
 # 2. Kernel benchmarks on CUDA (attention, DropToken, NCE, patch embedding; not the loaders).
 part benchmarks "$BENCH_TIMEOUT" benchmarks -k "cuda and not loader and not dali and not train_step" --benchmark-only
 figures "$OUT/benchmarks.jsonl" | tee -a "$OUT/results.md"
+
+# 2b. The largest medium batch that fits, with and without activation checkpointing.
+part largest_batch "$LARGEST_TIMEOUT" benchmarks/test_bench_train_step.py -k largest --benchmark-only
+figures "$OUT/largest_batch.jsonl" | tee -a "$OUT/results.md"
 
 # 3. The CUDA-parametrised tests (modules whose optional packages are missing are reported
 #    as collection errors; the others still run).

@@ -70,14 +70,14 @@ def kernel_table(rows: List[dict], ceilings: Dict[str, float]) -> List[str]:
 
 
 def step_table(rows: List[dict]) -> List[str]:
-    lines = ["| training step | clips/s | MFU | peak memory GB | median ms |", "|---|---|---|---|---|"]
+    lines = ["| training step | clips/s | MFU | peak memory GB | median ms | batch |", "|---|---|---|---|---|---|"]
     for r in rows:
         if "clips_per_s" not in r or "mfu" not in r:
             continue
         name = r["test"].split("::")[-1]
         lines.append(
             f"| {name} | {_fmt(r.get('clips_per_s'), '.4g')} | {_fmt(r.get('mfu'), '.1%')} | "
-            f"{_fmt(r.get('peak_mem_gb'))} | {_fmt(r.get('median_ms'), '.4g')} |"
+            f"{_fmt(r.get('peak_mem_gb'))} | {_fmt(r.get('median_ms'), '.4g')} | {r.get('batch_size', '')} |"
         )
     return lines
 

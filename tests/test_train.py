@@ -60,6 +60,26 @@ def test_config_file_defaults_and_flag_override(tmp_path):
     assert parse_args(["--config", str(js)]).batch_size == 6
 
 
+def test_kernels_default_is_the_layers_process_default(monkeypatch):
+    """--kernels unset takes $VATT_FAST_KERNELS (as the layers do), else auto; the flag wins."""
+    from vatt_fast.models.config import get_config
+    from vatt_fast.training.params import fill_defaults
+
+    def kernels(argv):
+        args = parse_args(argv)
+        fill_defaults(args, get_config("tiny"))
+        return args.kernels
+
+    monkeypatch.delenv("VATT_FAST_KERNELS", raising=False)
+    assert kernels([]) == "auto"
+    monkeypatch.setenv("VATT_FAST_KERNELS", "reference")
+    assert kernels([]) == "reference"
+    assert kernels(["--kernels", "triton"]) == "triton"
+    monkeypatch.setenv("VATT_FAST_KERNELS", "fastest")
+    with pytest.raises(ValueError, match="VATT_FAST_KERNELS='fastest' is not a kernel implementation"):
+        kernels([])
+
+
 @pytest.mark.parametrize(
     "content, match",
     [({"stepz": 3}, "unknown key 'stepz'"), ({"precision": "fp8"}, "precision='fp8' is not one of")],

@@ -17,6 +17,7 @@ import yaml
 
 from vatt_fast.data.loader import LOADERS
 from vatt_fast.kernels import IMPLS as KERNELS
+from vatt_fast.kernels._dispatch import default_impl
 from vatt_fast.models.config import VATTConfig, list_presets
 from vatt_fast.nn.attention import BACKENDS as ATTENTION
 from vatt_fast.training.compute_weights import COMPUTE_WEIGHTS
@@ -82,7 +83,8 @@ FLAGS: Tuple[Flag, ...] = (
     _flag("--compile-backend", default="inductor", help="torch.compile backend with --compile (inductor; aot_eager or "
           "eager to debug a compile problem)"),
     _flag("--activation-checkpointing", action="store_true", help="recompute each Transformer block in backward"),
-    _flag("--kernels", default="auto", choices=KERNELS, help="fused-kernel implementation (auto: Triton on CUDA)"),
+    _flag("--kernels", default=None, choices=KERNELS, help="fused-kernel implementation (auto: Triton on CUDA); "
+          "default: $VATT_FAST_KERNELS, else auto"),
     _flag("--attention", default="auto", choices=ATTENTION, help="attention backend"),
     _flag("--loader", default="auto", choices=LOADERS, help="data loader (auto: DALI on CUDA when installed, else PyAV)"),
     _flag("--workers", type=int, default=2, help="loader worker processes per rank"),
@@ -209,6 +211,8 @@ def fill_defaults(args: argparse.Namespace, config: VATTConfig) -> None:
         args.steps = args.total_steps
     if args.eval_every is None:
         args.eval_every = max(1, args.steps // 4)
+    if getattr(args, "kernels", "auto") is None:  # the layers' process default, so one setting serves both
+        args.kernels = default_impl()
     at_least: List[Tuple[str, int]] = [(k, 1) for k in ("batch_size", "steps", "total_steps", "log_every", "max_nonfinite")]
     at_least += [(k, 0) for k in ("warmup_steps", "eval_every", "save_every", "workers", "keep_checkpoints")]
     for key, low in at_least:
