@@ -210,3 +210,37 @@ def test_resolve_flag(mode, precision, world, expect):
             resolve_compute_weights(args, model, precision, world)
     else:
         assert (resolve_compute_weights(args, model, precision, world) is not None) == expect
+
+
+@pytest.mark.parametrize("scope", ["model", "blocks"])
+def test_compiled_model_on_the_copies_matches_compiled_autocast(scope):
+    """``torch.compile`` (in place, as the trainer's --compile and --compile-scope do) and the copies:
+    three steps give the same losses as the same compiled model under plain autocast."""
+    from vatt_fast.training.setup import compile_model
+
+    torch.manual_seed(0)
+    model = create_model("tiny")
+    batch = _batch(model.config, 4, torch.device("cpu"))
+
+    def losses(m, use_copies):
+        compile_model(m, m, scope, "aot_eager")
+        cw = ComputeWeights(m) if use_copies else None
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
+        out_losses = []
+        for _ in range(3):
+            torch.manual_seed(0)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = cw(batch) if cw is not None else m(batch)
+            loss = VATTLoss()({**out, "text_mask": batch["text_mask"]})["loss"]
+            loss.backward()
+            if cw is not None:
+                cw.grads_to_params()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if cw is not None:
+                cw.refresh()
+            out_losses.append(loss.item())
+        return out_losses
+
+    torch._dynamo.reset()
+    assert losses(copy.deepcopy(model), True) == losses(copy.deepcopy(model), False)
