@@ -61,7 +61,7 @@ from ._dispatch import (
     sm_count,
     triton_available,
 )
-from .layer_norm import SeedLike, _check_p, _check_seed, _seed_tensor, _shape, _threshold, dropout_keep_mask
+from ._philox import SeedLike, _check_p, _check_seed, _seed_tensor, _shape, _threshold, dropout_keep_mask
 
 __all__ = ["bias_gelu_dropout", "bias_gelu_dropout_reference"]
 

@@ -330,8 +330,8 @@ class SeededDropout(nn.Dropout):
 
 
 def _record_seeds(monkeypatch):
-    """Make the fused path draw each dropout seed explicitly (from torch's generator, as the ops do
-    with seed=None) and record them in call order."""
+    """Record the dropout seed of every fused op call with dropout, in call order (drawing one
+    explicitly from torch's generator, as the ops do, where the caller passed none)."""
     seeds = []
 
     def wrap(fn):
@@ -341,9 +341,10 @@ def _record_seeds(monkeypatch):
             bound = sig.bind(*args, **kwargs)
             bound.apply_defaults()
             a = bound.arguments
-            if a["seed"] is None and a["dropout_p"] > 0 and a["training"]:
-                a["seed"] = torch.randint(0, 2**62, (1,)).to(a["x"].device)
-                seeds.append(a["seed"])
+            if a["dropout_p"] > 0 and a["training"]:
+                if a["seed"] is None:
+                    a["seed"] = torch.randint(0, 2**62, (1,)).to(a["x"].device)
+                seeds.append(a["seed"].clone())
             return fn(*bound.args, **bound.kwargs)
 
         return wrapped
@@ -399,16 +400,16 @@ def _assert_fused_parity(fused, module_plain, inputs, gouts):
 
 
 def test_attention_branch_is_attention_without_proj_drop():
-    """The fused path's copy of Attention.forward (minus proj_drop) must stay equal to it."""
+    """Attention.forward_branch (what the fused path calls) is forward without proj_drop."""
     attn = Attention(48, 2, attn_drop=0.0, proj_drop=0.3)
     x, bias = torch.randn(2, 9, 48), torch.randn(1, 2, 9, 9)
     torch.manual_seed(5)
     out = attn(x, bias)
     torch.manual_seed(5)
-    branch = transformer_mod._attention_branch(attn, x, bias)
+    branch = attn.forward_branch(x, bias)
     torch.testing.assert_close(out, torch.nn.functional.dropout(branch, 0.3), rtol=0, atol=0)
     attn.eval()
-    torch.testing.assert_close(attn(x, bias), transformer_mod._attention_branch(attn, x, bias), rtol=0, atol=0)
+    torch.testing.assert_close(attn(x, bias), attn.forward_branch(x, bias), rtol=0, atol=0)
 
 
 def test_impl_is_resolved_at_build(monkeypatch):
@@ -533,3 +534,28 @@ def test_fused_encoder_grad_checkpointing(monkeypatch):
         torch.testing.assert_close(g1[name], g0[name], msg=name)
     torch.manual_seed(12)
     assert not torch.allclose(_grads(enc, [x], gouts)[1]["x"], g0["x"])  # the masks are live
+
+
+def test_fused_encoder_draws_its_dropout_seeds_in_one_kernel():
+    """All the fused ops of a stack take their seeds from one random draw per forward (views of one
+    int64 vector), instead of one small random kernel per op; none without dropout or in eval."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountRandom(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.randint = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket is torch.ops.aten.randint:
+                self.randint += 1
+            return func(*args, **(kwargs or {}))
+
+    device = _fused_device()
+    x = torch.randn(2, 9, 48, device=device)
+    for drop, train, want in ((0.2, True, 1), (0.0, True, 0), (0.2, False, 0)):
+        enc = small_encoder(dim=48, depth=3, num_heads=2, mlp_dim=100, drop=drop, impl="triton").to(device)
+        enc.train(train)
+        with CountRandom() as counter:
+            enc(x)
+        assert counter.randint == want, (drop, train, counter.randint)

@@ -572,13 +572,17 @@ class Attention(nn.Module):
         self._backend = _check_name(value)
 
     def forward(self, x: Tensor, attn_bias: Optional[Tensor] = None) -> Tensor:
+        return self.proj_drop(self.forward_branch(x, attn_bias))
+
+    def forward_branch(self, x: Tensor, attn_bias: Optional[Tensor] = None) -> Tensor:
+        """:meth:`forward` without the output dropout ``proj_drop`` (``[B, N, D]`` -> ``[B, N, D]``): the
+        fused block path applies that dropout inside the next residual add + LayerNorm kernel."""
         B, N, D = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)  # (B, N, 3, H, head_dim)
         q, k, v = qkv.unbind(2)  # each (B, N, H, head_dim)
         dropout_p = self.attn_drop.p if self.training else 0.0
         out = attention(q, k, v, attn_bias, dropout_p=dropout_p, scale=self.scale, backend=self._backend)
-        x = self.proj(out.reshape(B, N, D))  # (B, N, D)
-        return self.proj_drop(x)
+        return self.proj(out.reshape(B, N, D))  # (B, N, D)
 
     def extra_repr(self) -> str:
         return f"num_heads={self.num_heads}, head_dim={self.head_dim}, backend={self._backend!r}"

@@ -24,8 +24,9 @@ either way), flash-attention's pre-LN ``Block`` pattern:
       ...
       states = dropout_add_layer_norm(pending, x, norm, prenorm=False)  # the final norm
 
-Dropout masks of the fused path come from a fresh seed per op call (``torch.manual_seed``
-reproduces them; activation checkpointing restores them), not from ``nn.Dropout``; the
+Dropout masks of the fused path come from seeds drawn from torch's generator, one vector per
+encoder forward for all its fused ops (``torch.manual_seed`` reproduces them; activation
+checkpointing passes the same ones to the recomputation), not from ``nn.Dropout``; the
 modules' ``p`` values are still read from the ``nn.Dropout`` attributes.
 """
 
@@ -43,7 +44,7 @@ from vatt_fast.kernels.bias_gelu import bias_gelu_dropout
 from vatt_fast.kernels.layer_norm import MAX_TRITON_DIM, dropout_add_layer_norm
 
 from ._init import trunc_normal_
-from .attention import Attention, RelativePositionBias, attention, padding_mask_to_bias
+from .attention import Attention, RelativePositionBias, padding_mask_to_bias
 from .embed import resolve_layer_impl
 
 __all__ = ["Mlp", "Block", "Encoder", "init_weights"]
@@ -61,22 +62,16 @@ def _fused(impl: str, x: Tensor) -> bool:
     )
 
 
-def _attention_branch(attn: Attention, x: Tensor, attn_bias: Optional[Tensor]) -> Tensor:
-    """``attn(x, attn_bias)`` without its output dropout ``proj_drop``, which the fused path applies
-    inside the next LayerNorm. Mirrors :meth:`Attention.forward` (a test holds them equal)."""
-    B, N, D = x.shape
-    qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim)  # (B, N, 3, H, head_dim)
-    q, k, v = qkv.unbind(2)  # each (B, N, H, head_dim)
-    dropout_p = attn.attn_drop.p if attn.training else 0.0
-    out = attention(q, k, v, attn_bias, dropout_p=dropout_p, scale=attn.scale, backend=attn.backend)
-    return attn.proj(out.reshape(B, N, D))  # (B, N, D)
-
-
 def _layer_norm_fused(norm: nn.LayerNorm, x: Tensor, residual: Optional[Tensor], p: float, training: bool,
-                      prenorm: bool):
+                      prenorm: bool, seed: Optional[Tensor] = None):
     """``dropout_add_layer_norm`` with ``norm``'s affine and epsilon, on the Triton kernel."""
     return dropout_add_layer_norm(x, residual, norm.weight, norm.bias, dropout_p=p, eps=norm.eps, training=training,
-                                  prenorm=prenorm, impl="triton")
+                                  seed=seed, prenorm=prenorm, impl="triton")
+
+
+def _seed(seeds: Optional[Tensor], i: int) -> Optional[Tensor]:
+    """Element ``i`` of a seed vector as the one-element view the fused ops take (no copy, no kernel)."""
+    return None if seeds is None else seeds[i : i + 1]
 
 
 class Mlp(nn.Module):
@@ -102,12 +97,14 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden_features, in_features)
         self.drop2 = nn.Dropout(drop)
 
-    def forward_fused(self, x: Tensor) -> Tensor:
-        """The fused path up to ``fc2``, without ``drop2`` (``[..., D]`` -> ``[..., D]``)."""
+    def forward_fused(self, x: Tensor, seed: Optional[Tensor] = None) -> Tensor:
+        """The fused path up to ``fc2``, without ``drop2`` (``[..., D]`` -> ``[..., D]``); ``seed``: the
+        dropout seed of ``drop1`` (int64 ``[1]``), ``None`` to draw one."""
         if not (isinstance(self.act, nn.GELU) and self.act.approximate == "none"):
             raise ValueError(f"the fused Mlp path computes the exact GELU, but act is {self.act}; use impl='reference'")
         h = F.linear(x, self.fc1.weight)  # (..., hidden), the bias goes into the fused op
-        h = bias_gelu_dropout(h, self.fc1.bias, dropout_p=self.drop1.p, training=self.training, impl="triton")
+        h = bias_gelu_dropout(h, self.fc1.bias, dropout_p=self.drop1.p, training=self.training, seed=seed,
+                              impl="triton")
         return self.fc2(h)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -168,19 +165,24 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, hidden, drop=drop, impl=self.impl)
 
     def forward_fused(
-        self, x: Tensor, pending: Optional[Tensor] = None, attn_bias: Optional[Tensor] = None, pending_drop: float = 0.0
+        self, x: Tensor, pending: Optional[Tensor] = None, attn_bias: Optional[Tensor] = None, pending_drop: float = 0.0,
+        seeds: Optional[Tensor] = None,
     ) -> Tuple[Tensor, Tensor]:
         """The fused path: ``x`` is the residual stream without ``pending``, the previous block's
         ``fc2`` output not yet added (``None`` for the first block), which is added here with dropout
         ``pending_drop`` (that block's ``mlp.drop2.p``). Returns the new ``(x, pending)``; the caller
-        adds the returned ``pending`` (the next block's ``norm1``, or the encoder's final norm)."""
+        adds the returned ``pending`` (the next block's ``norm1``, or the encoder's final norm).
+        ``seeds``: int64 ``[3]``, the dropout seeds of ``norm1``'s add, ``norm2``'s add and ``drop1``
+        (the encoder draws one vector for all its blocks); ``None``: each op draws its own."""
         if pending is None:
             y = _layer_norm_fused(self.norm1, x, None, 0.0, self.training, prenorm=False)  # (B, N, D)
         else:
-            y, x = _layer_norm_fused(self.norm1, pending, x, pending_drop, self.training, prenorm=True)
-        a = _attention_branch(self.attn, y, attn_bias)  # (B, N, D), before proj_drop
-        y, x = _layer_norm_fused(self.norm2, a, x, self.attn.proj_drop.p, self.training, prenorm=True)
-        return x, self.mlp.forward_fused(y)
+            y, x = _layer_norm_fused(self.norm1, pending, x, pending_drop, self.training, prenorm=True,
+                                     seed=_seed(seeds, 0))
+        a = self.attn.forward_branch(y, attn_bias)  # (B, N, D), before proj_drop
+        y, x = _layer_norm_fused(self.norm2, a, x, self.attn.proj_drop.p, self.training, prenorm=True,
+                                 seed=_seed(seeds, 1))
+        return x, self.mlp.forward_fused(y, seed=_seed(seeds, 2))
 
     def forward(self, x: Tensor, attn_bias: Optional[Tensor] = None) -> Tensor:
         if _fused(self.impl, x):
@@ -346,13 +348,24 @@ class Encoder(nn.Module):
         """The blocks and the final norm on the fused path, carrying each block's ``fc2`` output
         (``pending``) into the next LayerNorm; states ``[B, L, D]`` in x's dtype."""
         pending, pending_drop = None, 0.0
-        for block in self.blocks:
+        # Every dropout seed of the stack in one draw (3 per block, one for the final norm), instead
+        # of one small random kernel per fused op; each op reads its element through a view.
+        # Drawn only when some op drops (an unused draw would still advance the generator in eager
+        # mode, while a compiled graph may drop it, and the two would then see different DropToken draws).
+        seeds = None
+        drops = [p for b in self.blocks for p in (b.attn.proj_drop.p, b.mlp.drop1.p, b.mlp.drop2.p)]
+        if self.training and any(p > 0 for p in drops):
+            seeds = torch.randint(0, 2**62, (3 * len(self.blocks) + 1,), device=x.device, dtype=torch.int64)
+        for i, block in enumerate(self.blocks):
+            block_seeds = None if seeds is None else seeds[3 * i : 3 * i + 3]
             if checkpointing:
-                x, pending = checkpoint(block.forward_fused, x, pending, bias, pending_drop, use_reentrant=False)
+                x, pending = checkpoint(block.forward_fused, x, pending, bias, pending_drop, block_seeds,
+                                        use_reentrant=False)
             else:
-                x, pending = block.forward_fused(x, pending, bias, pending_drop)
+                x, pending = block.forward_fused(x, pending, bias, pending_drop, block_seeds)
             pending_drop = block.mlp.drop2.p
         if pending is None:  # no blocks
             return _layer_norm_fused(self.norm, x, None, 0.0, self.training, prenorm=False)
         # pending (bf16 under autocast) is cast to the stream's dtype so the states keep it, as self.norm(x) does
-        return _layer_norm_fused(self.norm, pending.to(x.dtype), x, pending_drop, self.training, prenorm=False)
+        return _layer_norm_fused(self.norm, pending.to(x.dtype), x, pending_drop, self.training, prenorm=False,
+                                 seed=_seed(seeds, 3 * len(self.blocks)))
