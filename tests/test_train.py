@@ -60,6 +60,28 @@ def test_config_file_defaults_and_flag_override(tmp_path):
     assert parse_args(["--config", str(js)]).batch_size == 6
 
 
+def test_compile_mode_reaches_torch_compile(monkeypatch):
+    """--compile-mode is passed to every torch.compile call of both scopes (Inductor only)."""
+    from vatt_fast.models import create_model
+    from vatt_fast.training.setup import compile_model
+
+    calls = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: calls.append((type(self).__name__, kw)))
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: calls.append(("forward_fused", kw)) or fn)
+    model = create_model("tiny")
+    compile_model(model, model, "model", "inductor", "reduce-overhead")
+    assert calls == [("VATT", {"backend": "inductor", "mode": "reduce-overhead"})]
+    calls.clear()
+    compile_model(model, model, "blocks", "inductor", "max-autotune")
+    assert len(calls) == 2 * 6 and all(kw == {"backend": "inductor", "mode": "max-autotune"} for _, kw in calls)
+    calls.clear()
+    compile_model(model, model, "model", "aot_eager")
+    assert calls == [("VATT", {"backend": "aot_eager"})]
+    with pytest.raises(ValueError, match="--compile-mode reduce-overhead is an Inductor mode, but --compile-backend is"):
+        compile_model(model, model, "model", "aot_eager", "reduce-overhead")
+    assert parse_args(["--compile-mode", "reduce-overhead"]).compile_mode == "reduce-overhead"
+
+
 def test_kernels_default_is_the_layers_process_default(monkeypatch):
     """--kernels unset takes $VATT_FAST_KERNELS (as the layers do), else auto; the flag wins."""
     from vatt_fast.models.config import get_config

@@ -151,7 +151,7 @@ def build_run(
         raw_model = model  # state dicts and evaluation go through the sharded module
     optimizer = build_optimizer(model, args, config, device)
     if args.compile:
-        compile_model(model, raw_model, args.compile_scope, args.compile_backend)
+        compile_model(model, raw_model, args.compile_scope, args.compile_backend, args.compile_mode)
     compute_weights = resolve_compute_weights(args, model, precision, world)
     train_loader, eval_loader = build_loaders(args, config, data_dir, device, world)
     return RunState(args=args, config=config, model=model, raw_model=raw_model, loss_fn=build_loss(args, config),

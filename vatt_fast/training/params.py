@@ -21,6 +21,7 @@ from vatt_fast.kernels._dispatch import default_impl
 from vatt_fast.models.config import VATTConfig, list_presets
 from vatt_fast.nn.attention import BACKENDS as ATTENTION
 from vatt_fast.training.compute_weights import COMPUTE_WEIGHTS
+from vatt_fast.training.setup import COMPILE_MODES
 
 __all__ = [
     "ATTENTION",
@@ -80,6 +81,8 @@ FLAGS: Tuple[Flag, ...] = (
     _flag("--compile-scope", default="model", choices=("model", "blocks"), help="with --compile: the whole model "
           "(one graph per forward) or each Transformer block on its own (regional: one short compile reused by every "
           "block of a shape; the glue between blocks runs eagerly)"),
+    _flag("--compile-mode", default="default", choices=COMPILE_MODES, help="with --compile and Inductor: its mode "
+          "(reduce-overhead: CUDA graphs; max-autotune: tuned kernels, a longer compile)"),
     _flag("--compile-backend", default="inductor", help="torch.compile backend with --compile (inductor; aot_eager or "
           "eager to debug a compile problem)"),
     _flag("--activation-checkpointing", action="store_true", help="recompute each Transformer block in backward"),

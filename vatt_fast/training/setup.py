@@ -108,13 +108,24 @@ def wrap_model(model: nn.Module, args: argparse.Namespace, device: torch.device,
     return model
 
 
-def compile_model(model: nn.Module, raw_model: nn.Module, scope: str, backend: str) -> None:
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def compile_model(model: nn.Module, raw_model: nn.Module, scope: str, backend: str, mode: str = "default") -> None:
     """``torch.compile`` in place (``nn.Module.compile``): the module forward is called on
     (``scope="model"``), or each Transformer :class:`Block` of ``raw_model`` on its own
     (``scope="blocks"``, regional compilation: blocks of one shape share a compiled graph, so the
-    compile is short; DropToken, the heads and the loss stay eager)."""
+    compile is short; DropToken, the heads and the loss stay eager). ``mode`` is Inductor's
+    (``reduce-overhead``: CUDA graphs, worth trying where shapes are static, as with DropToken's
+    fixed count); another backend takes only ``default``."""
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile mode {mode!r} is not one of {list(COMPILE_MODES)}")
+    if mode != "default" and backend != "inductor":
+        raise ValueError(f"--compile-mode {mode} is an Inductor mode, but --compile-backend is {backend!r}; "
+                         "use --compile-backend inductor or --compile-mode default")
+    kwargs = {"backend": backend} if mode == "default" else {"backend": backend, "mode": mode}
     if scope == "model":
-        model.compile(backend=backend)
+        model.compile(**kwargs)
         return
     if scope != "blocks":
         raise ValueError(f"compile scope {scope!r} is not one of ['model', 'blocks']")
@@ -122,9 +133,9 @@ def compile_model(model: nn.Module, raw_model: nn.Module, scope: str, backend: s
     if not blocks:
         raise ValueError("--compile-scope blocks: the model has no Transformer Block to compile; use --compile-scope model")
     for block in blocks:
-        block.compile(backend=backend)
+        block.compile(**kwargs)
         # The fused path (CUDA, impl auto/triton) calls forward_fused from the encoder, not the module.
-        block.forward_fused = torch.compile(block.forward_fused, backend=backend)
+        block.forward_fused = torch.compile(block.forward_fused, **kwargs)
 
 
 def build_optimizer(model: nn.Module, args: argparse.Namespace, config: VATTConfig, device: torch.device) -> torch.optim.Optimizer:
