@@ -108,7 +108,7 @@ def test_block_forward_backward(benchmark, device, case):
         return _fwd_bwd(block, x, grad, precision)
 
     peak = peak_extra_mb(step, device)
-    time_it(benchmark, step, device, rounds=10 if device.type == "cuda" else 5, warmup_rounds=2)
+    time_it(benchmark, step, device, rounds=10 if device.type == "cuda" else 20, warmup_rounds=2)
     flops = 3 * shape["B"] * encoder_layer_flops(shape["N"], shape["D"], shape["M"])
     record(benchmark, flops=flops, device=device_name(device), impl=case, dtype=precision,
            shape="B={B} N={N} D={D} heads={H} mlp={M} dropout=0.1".format(**shape), peak_extra_mb=peak)

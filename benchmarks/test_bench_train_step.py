@@ -176,7 +176,7 @@ def test_train_step(benchmark, preset, device_type, batch_size, impl):
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)  # peak = weights, optimizer state, activations of a step
-    loss = time_it(benchmark, step, device, rounds=10 if device.type == "cuda" else 3, warmup_rounds=2)
+    loss = time_it(benchmark, step, device, rounds=10, warmup_rounds=2)
     assert torch.isfinite(loss), f"{preset} {impl}: training loss became {loss.item()}"
     flops = train_step_flops(cfg, batch_size)
     if device.type == "cuda":
