@@ -196,6 +196,7 @@ def test_train_step(benchmark, preset, device_type, batch_size, impl):
 
 def _fits(model, loss_fn, opt, cw, cfg, batch_size, device) -> bool:
     """Whether two fast-path training steps at ``batch_size`` run without running out of memory."""
+    fits = True
     try:
         batch = _batch(cfg, batch_size, device)
         for _ in range(2):
@@ -209,14 +210,15 @@ def _fits(model, loss_fn, opt, cw, cfg, batch_size, device) -> bool:
             if cw is not None:
                 cw.refresh()
         torch.cuda.synchronize(device)
-        return True
     except torch.cuda.OutOfMemoryError:
-        return False
-    finally:
-        opt.zero_grad(set_to_none=True)
-        batch = out = None  # noqa: F841 - drop the references before emptying the cache
-        gc.collect()
-        torch.cuda.empty_cache()
+        fits = False  # the exception (and the activations its traceback holds) is released here
+    batch = out = None  # noqa: F841 - drop the references before emptying the cache
+    opt.zero_grad(set_to_none=True)
+    for c in [] if cw is None else cw.copies:
+        c.grad = None
+    gc.collect()
+    torch.cuda.empty_cache()
+    return fits
 
 
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "activation_checkpointing"])
