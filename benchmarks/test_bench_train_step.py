@@ -9,7 +9,10 @@ presets at batch 32 and 64 per GPU, with the presets' dropout and DropToken.
 "reference" = plain PyTorch kernels and explicit-softmax attention (timed at batch 32);
 "fast" = the trainer's default (``impl="auto"``: Triton kernels where registered on CUDA;
 ``attention="auto"``: the fastest backend that serves the call; under bf16 the compute copies of
-the Linear weights, ``--bf16-weights auto``), fused AdamW on CUDA.
+the Linear weights, ``--bf16-weights auto``), fused AdamW on CUDA. On CUDA, ``fast+compile-blocks``
+is the same with every Transformer block compiled by Inductor (``--compile --compile-scope blocks``),
+at medium batch 64: the measured alternative to the eager fused kernels. ``test_largest_batch``
+(CUDA only) finds the largest medium batch that fits, with and without activation checkpointing.
 
 Correctness before timing, on a batch of 8 clips of the same preset with dropout off (so
 every path sees the same DropToken draw) and the heads' BatchNorms in eval mode, for the
@@ -38,6 +41,9 @@ from vatt_fast.nn.losses import VATTLoss
 from vatt_fast.training.compute_weights import ComputeWeights
 
 IMPLS = {"reference": ("reference", "math"), "fast": ("auto", "auto")}
+# "fast+compile-blocks": the fast path with each Transformer block compiled by Inductor (the trainer's
+# --compile --compile-scope blocks), the measured alternative to the eager fused kernels.
+COMPILE_SUFFIX = "+compile-blocks"
 # Parameters whose gradients are checked: one per kind of op the fast path may replace.
 CHECKED = (
     "encoders.video.patch_embed.proj.weight",
@@ -60,7 +66,26 @@ def _cases():
     if torch.cuda.is_available():
         for preset in ("base", "medium"):
             cases += [(preset, "cuda", 32, "reference"), (preset, "cuda", 32, "fast"), (preset, "cuda", 64, "fast")]
+        cases.append(("medium", "cuda", 64, "fast" + COMPILE_SUFFIX))
     return cases
+
+
+def _paths(impl: str):
+    """``(kernels, attention, compiled)`` of a case's ``impl``."""
+    compiled = impl.endswith(COMPILE_SUFFIX)
+    kernels, attention = IMPLS[impl.removesuffix(COMPILE_SUFFIX)]
+    return kernels, attention, compiled
+
+
+def _prepare(model, impl):
+    """Set the case's kernels and attention on ``model``; compile its blocks for a compiled case."""
+    kernels, attention, compiled = _paths(impl)
+    model.set_kernel_impl(kernels).set_attention_backend(attention)
+    if compiled:
+        from vatt_fast.training.setup import compile_model
+
+        compile_model(model, model, "blocks", "inductor")
+    return kernels
 
 
 CASES = _cases()
@@ -84,8 +109,7 @@ def _batch(cfg, B, device):
 
 
 def _loss_and_grads(model, batch, impl, autocast_dtype):
-    kernels, attention = IMPLS[impl]
-    model.set_kernel_impl(kernels).set_attention_backend(attention)
+    kernels = _prepare(model, impl)
     device = batch["video"].device
     cw = _compute_weights(model, impl, autocast_dtype)
     torch.manual_seed(0)  # the same DropToken draw in every run
@@ -105,7 +129,7 @@ def _loss_and_grads(model, batch, impl, autocast_dtype):
 def _compute_weights(model, impl, autocast_dtype):
     """The trainer's bf16 compute copies of the Linear weights (``--bf16-weights auto``) on the fast
     path under bf16 autocast; None otherwise."""
-    return ComputeWeights(model) if impl == "fast" and autocast_dtype == torch.bfloat16 else None
+    return ComputeWeights(model) if impl.startswith("fast") and autocast_dtype == torch.bfloat16 else None
 
 
 @functools.lru_cache(maxsize=None)
@@ -154,8 +178,7 @@ def test_train_step(benchmark, preset, device_type, batch_size, impl):
     model = create_model(preset).to(device)
     cfg = model.config
     batch = _batch(cfg, batch_size, device)
-    kernels, attention = IMPLS[impl]
-    model.set_kernel_impl(kernels).set_attention_backend(attention)
+    kernels = _prepare(model, impl)
     loss_fn = VATTLoss(impl=kernels)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, eps=cfg.adam_eps, fused=device.type == "cuda")
 

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # One call on a GPU machine (H100/H200): the bf16 training-step figures, the CUDA kernel
-# benchmarks, the largest medium batch that fits, and the CUDA-parametrised tests, each part
-# under its own timeout (defaults 110 + 120 + 80 + 120 s, each plus at most 15 s to stop it,
-# plus up to 60 s for the ceilings: about 8 minutes when parts run out of time, less when they
-# finish), each part's result
+# benchmarks, the largest medium batch that fits, the CUDA-parametrised tests and the whole-model
+# Inductor compile, each part under its own timeout (defaults 120 + 100 + 70 + 100 + 60 s = 7.5
+# min, each plus at most 15 s to stop it, plus up to 60 s for the ceilings: under 8 minutes
+# unless parts run out of time, about 10 at the very worst), each part's result
 # printed (and appended to $OUT/results.md) as soon as the part ends, so that a run cut
 # off from outside still reports the parts that finished. Benchmarks append one JSON line
 # per finished case to $OUT/<part>.jsonl (see benchmarks/bench_utils.py), so even a part
@@ -11,7 +11,7 @@
 # when unset). Exit status: 0 when every part passed.
 #
 #   bash scripts/gpu_check.sh                    # everything
-#   TESTS_TIMEOUT=200 bash scripts/gpu_check.sh  # per-part limits: TRAIN_, BENCH_, LARGEST_, TESTS_TIMEOUT
+#   TESTS_TIMEOUT=200 bash scripts/gpu_check.sh  # per-part limits: TRAIN_, BENCH_, LARGEST_, TESTS_, COMPILE_TIMEOUT
 #   DRY_RUN=1 bash scripts/gpu_check.sh          # any machine: collect each part's cases, run none
 #
 # Wheels of packages the machine lacks (PyAV, soundfile, flash-attn, ...) are installed from
@@ -25,10 +25,11 @@ mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 : > "$OUT/results.md"
 PY=${PYTHON:-python3}
-TRAIN_TIMEOUT=${TRAIN_TIMEOUT:-110}
-BENCH_TIMEOUT=${BENCH_TIMEOUT:-120}
-LARGEST_TIMEOUT=${LARGEST_TIMEOUT:-80}
-TESTS_TIMEOUT=${TESTS_TIMEOUT:-120}
+TRAIN_TIMEOUT=${TRAIN_TIMEOUT:-120}
+BENCH_TIMEOUT=${BENCH_TIMEOUT:-100}
+LARGEST_TIMEOUT=${LARGEST_TIMEOUT:-70}
+TESTS_TIMEOUT=${TESTS_TIMEOUT:-100}
+COMPILE_TIMEOUT=${COMPILE_TIMEOUT:-60}
 DRY_RUN=${DRY_RUN:-0}
 START=$SECONDS
 FAILED=0
@@ -159,6 +160,10 @@ figures "$OUT/largest_batch.jsonl" | tee -a "$OUT/results.md"
 # 3. The CUDA-parametrised tests (modules whose optional packages are missing are reported
 #    as collection errors; the others still run).
 part tests "$TESTS_TIMEOUT" tests -k cuda -m "not distributed" --continue-on-collection-errors
+
+# 4. Whole-model fullgraph torch.compile with Inductor and the Triton ops on CUDA, forward and
+#    backward against eager (the InductorError that torch 2.11 raised on the whole model).
+part compile "$COMPILE_TIMEOUT" tests/test_compile.py -k triton
 
 say ""
 # The summary tables, and the results page of this run ($OUT/RESULTS.md). To publish it: copy the
