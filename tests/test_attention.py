@@ -704,7 +704,7 @@ def test_every_tower_reaches_a_fused_sdpa_kernel_on_cuda(preset, monkeypatch):
 
     used = []
     real_run = attn_mod._run
-    monkeypatch.setattr(attn_mod, "_run", lambda impl, *a: used.append(impl) or real_run(impl, *a))
+    monkeypatch.setattr(attn_mod, "_run", lambda impl, *a, **kw: used.append(impl) or real_run(impl, *a, **kw))
     monkeypatch.setattr(attn_mod, "_VERDICTS", {})  # probe under the restriction below
     torch.manual_seed(0)
     model = create_model(preset, dropout=0.1, attn_dropout=0.1).cuda().train()

@@ -72,11 +72,26 @@ def _step(model, batch, cw=None, count=False):
     return loss.detach(), grads, counter.counts
 
 
-@pytest.mark.parametrize("device_type", DEVICES)
-def test_same_loss_and_gradients_as_autocast_bit_for_bit(device_type):
+def _with_random_biases(model):
+    """Biases away from their zero init, so that a bias rounded to bf16 where autocast keeps it fp32
+    (the fused path's fc1.bias) changes the numbers."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.05)
+    return model
+
+
+# The module path everywhere; the fused block path (Triton; under the interpreter on the CPU).
+IMPL_CASES = [(d, "reference") for d in DEVICES] + [(d, "triton") for d in DEVICES]
+
+
+@pytest.mark.parametrize("device_type, impl", IMPL_CASES, ids=[f"{d}-{i}" for d, i in IMPL_CASES])
+def test_same_loss_and_gradients_as_autocast_bit_for_bit(device_type, impl):
     device = torch.device(device_type)
     torch.manual_seed(0)
-    model = create_model("tiny", dropout=0.1, attn_dropout=0.1).to(device)
+    model = _with_random_biases(create_model("tiny", dropout=0.1, attn_dropout=0.1)).to(device)
+    model.set_kernel_impl(impl)
     batch = _batch(model.config, 6, device)
     plain = copy.deepcopy(model)
     loss_ref, grads_ref, _ = _step(plain, batch)
@@ -88,11 +103,12 @@ def test_same_loss_and_gradients_as_autocast_bit_for_bit(device_type):
         assert torch.equal(g, grads_ref[name]), f"{name}: max diff {(g - grads_ref[name]).abs().max().item():.3g}"
 
 
-@pytest.mark.parametrize("device_type", DEVICES)
-def test_removes_two_casts_per_linear_parameter(device_type):
+@pytest.mark.parametrize("device_type, impl", IMPL_CASES, ids=[f"{d}-{i}" for d, i in IMPL_CASES])
+def test_removes_two_casts_per_linear_parameter(device_type, impl):
     device = torch.device(device_type)
     torch.manual_seed(0)
     model = create_model("tiny").to(device)
+    model.set_kernel_impl(impl)
     batch = _batch(model.config, 4, device)
     _, _, plain = _step(copy.deepcopy(model), batch, count=True)
     cw = ComputeWeights(model)
@@ -183,6 +199,46 @@ def test_unused_and_shared_parameters():
     assert all(c.grad is None for c in cw.copies)
 
 
+def test_fp32_gradients_are_not_held_between_steps():
+    """The fp32 ``.grad`` the copies' gradients go to is allocated per step: zero_grad(set_to_none)
+    releases it, so between steps only the bf16 copies are held."""
+    import weakref
+
+    net = nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 2))
+    cw = ComputeWeights(net)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = cw(torch.randn(3, 4))
+    out.float().sum().backward()
+    cw.grads_to_params()
+    refs = [weakref.ref(p.grad) for p in net.parameters()]
+    net.zero_grad(set_to_none=True)
+    assert all(r() is None for r in refs)
+    assert cw.extra_bytes() == 2 * sum(p.numel() for p in net.parameters())
+
+
+def test_activation_checkpointing_is_refused():
+    """The recomputation of a checkpointed block runs after the copies were swapped out: refused at
+    build and at a forward after checkpointing was switched on."""
+    model = create_model("tiny")
+    model.set_grad_checkpointing(True)
+    with pytest.raises(ValueError, match="activation checkpointing"):
+        ComputeWeights(model)
+    model.set_grad_checkpointing(False)
+    cw = ComputeWeights(model)
+    model.set_grad_checkpointing(True)
+    with pytest.raises(ValueError, match="--bf16-weights off, or no --activation-checkpointing"):
+        cw(_batch(model.config, 2, torch.device("cpu")))
+
+
+def test_mlp_fc1_bias_keeps_fp32():
+    """The fused path feeds fc1.bias to bias_gelu_dropout itself (in fp32, as under autocast), so it
+    has no bf16 copy; the other Linear parameters do."""
+    from vatt_fast.nn.transformer import Mlp
+
+    mlp = Mlp(8, 16)
+    assert set(linear_parameter_names(mlp)) == {"fc1.weight", "fc2.weight", "fc2.bias"}
+
+
 def test_model_without_linear_is_refused():
     with pytest.raises(ValueError, match="no nn.Linear parameter"):
         ComputeWeights(nn.Sequential(nn.LayerNorm(4)))
@@ -190,20 +246,22 @@ def test_model_without_linear_is_refused():
         ComputeWeights(nn.Linear(2, 2), dtype=torch.float32)
 
 
-@pytest.mark.parametrize("mode, precision, world, expect", [
-    ("auto", "bf16", 1, True),
-    ("auto", "fp32", 1, False),
-    ("auto", "bf16", 2, False),
-    ("off", "bf16", 1, False),
-    ("on", "bf16", 1, True),
-    ("on", "fp32", 1, "--precision resolves to fp32"),
-    ("on", "bf16", 4, "4 processes"),
-    ("sometimes", "bf16", 1, "not one of"),
+@pytest.mark.parametrize("mode, precision, world, ckpt, expect", [
+    ("auto", "bf16", 1, False, True),
+    ("auto", "fp32", 1, False, False),
+    ("auto", "bf16", 2, False, False),
+    ("auto", "bf16", 1, True, False),
+    ("off", "bf16", 1, False, False),
+    ("on", "bf16", 1, False, True),
+    ("on", "fp32", 1, False, "--precision resolves to fp32"),
+    ("on", "bf16", 4, False, "4 processes"),
+    ("on", "bf16", 1, True, "--activation-checkpointing recomputes"),
+    ("sometimes", "bf16", 1, False, "not one of"),
 ])
-def test_resolve_flag(mode, precision, world, expect):
+def test_resolve_flag(mode, precision, world, ckpt, expect):
     import argparse
 
-    args = argparse.Namespace(bf16_weights=mode)
+    args = argparse.Namespace(bf16_weights=mode, activation_checkpointing=ckpt)
     model = nn.Linear(3, 3)
     if isinstance(expect, str):
         with pytest.raises(ValueError, match=expect):

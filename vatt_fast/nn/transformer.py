@@ -92,6 +92,9 @@ class Mlp(nn.Module):
         super().__init__()
         self.impl = resolve_layer_impl(impl)
         self.fc1 = nn.Linear(in_features, hidden_features)
+        # The fused path feeds fc1.bias to bias_gelu_dropout itself, in fp32: bf16 compute copies of the
+        # Linear weights (vatt_fast.training.compute_weights) must leave it alone.
+        self.fc1.keep_fp32 = ("bias",)
         self.act = nn.GELU()
         self.drop1 = nn.Dropout(drop)
         self.fc2 = nn.Linear(hidden_features, in_features)

@@ -17,13 +17,22 @@ per-Linear casts did:
 
 The arithmetic is the same as autocast's: the copy holds exactly the bf16 rounding autocast
 would make of the same fp32 weight, and the fp32 gradient is exactly the cast of the same bf16
-gradient, so a step gives the same numbers (the tests compare loss curves); the optimizer keeps
-fp32 weights and fp32 moments. Memory: 2 bytes per Linear parameter kept between steps, which
-autocast allocates within each step anyway.
+gradient, so a step gives the same numbers, bit for bit (tested); the optimizer keeps fp32
+weights and fp32 moments. A parameter that its module reads outside ``nn.Linear.forward`` would
+not be cast by autocast, so it gets no copy: a Linear lists such parameters in a ``keep_fp32``
+attribute (``Mlp.fc1.bias``, which the fused path feeds to ``bias_gelu_dropout`` in fp32).
+Memory: 2 bytes per Linear parameter kept between steps (autocast allocates the same within
+each step); the fp32 gradients are allocated each step, as without the copies.
 
-Single process only: DDP reduces the gradients of the parameters it wraps, which are not
-the tensors the forward used here, so :func:`resolve_compute_weights` refuses DDP and FSDP
-(FSDP2 has its own bf16 parameter policy, ``MixedPrecisionPolicy``).
+Not with:
+
+- DDP or FSDP: they reduce the gradients of the parameters they wrap, which are not the tensors
+  the forward used here (FSDP2 has its own bf16 parameter policy, ``MixedPrecisionPolicy``);
+- activation checkpointing: the recomputation runs in the backward, after the copies were
+  swapped out again, so it would see the fp32 parameters.
+
+:func:`resolve_compute_weights` turns the copies off for these (``auto``) or refuses (``on``), and
+:meth:`ComputeWeights.forward` refuses a model whose checkpointing was switched on later.
 """
 
 from __future__ import annotations
@@ -44,13 +53,15 @@ COMPUTE_WEIGHTS = ("auto", "on", "off")
 
 
 def linear_parameter_names(model: nn.Module) -> Dict[str, nn.Parameter]:
-    """``{name: parameter}`` of every ``nn.Linear`` weight and bias of ``model`` that requires grad
-    (a parameter shared by two modules is listed under each of its names)."""
+    """``{name: parameter}`` of every ``nn.Linear`` weight and bias of ``model`` that requires grad,
+    except those the Linear lists in ``keep_fp32`` (a parameter shared by two modules is listed
+    under each of its names)."""
     names: Dict[str, nn.Parameter] = {}
     for module_name, module in model.named_modules(remove_duplicate=False):
         if type(module) is nn.Linear:  # subclasses may use their weight in other ways
+            keep_fp32 = getattr(module, "keep_fp32", ())
             for pname, p in module.named_parameters(recurse=False):
-                if p.requires_grad:
+                if p.requires_grad and pname not in keep_fp32:
                     names[f"{module_name}.{pname}" if module_name else pname] = p
     return names
 
@@ -99,9 +110,18 @@ class ComputeWeights:
             self.names[name] = by_id[id(p)]
         if not self.params:
             raise ValueError(f"{type(model).__name__} has no nn.Linear parameter that requires grad: nothing to copy")
-        self._grad_buffers: List[Optional[Tensor]] = [None] * len(self.params)
+        self._checkpointing = [m for m in model.modules() if hasattr(m, "grad_checkpointing")]
+        self._check_no_checkpointing()
         self._versions: Optional[List[int]] = None
         self.refresh()
+
+    def _check_no_checkpointing(self) -> None:
+        if any(m.grad_checkpointing for m in self._checkpointing):
+            raise ValueError(
+                "bf16 compute weights do not work with activation checkpointing (the recomputation in the "
+                "backward would run on the fp32 parameters); turn one of them off (--bf16-weights off, or "
+                "no --activation-checkpointing)"
+            )
 
     @torch.no_grad()
     def refresh(self) -> None:
@@ -115,6 +135,7 @@ class ComputeWeights:
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """``model(*args, **kwargs)`` with the Linear parameters replaced by their copies."""
+        self._check_no_checkpointing()
         if self.stale():
             log.debug("compute weights: a parameter changed since the last refresh; refreshing")
             self.refresh()
@@ -131,19 +152,18 @@ class ComputeWeights:
         outside the Linear too) gets the copy's added to it.
         """
         dst, src, add_dst, add_src = [], [], [], []
-        for i, (p, c) in enumerate(zip(self.params, self.copies)):
+        for p, c in zip(self.params, self.copies):
             if c.grad is None:
                 continue
             if p.grad is not None:
                 add_dst.append(p.grad)
                 add_src.append(c.grad.to(p.grad.dtype))
                 continue
-            buf = self._grad_buffers[i]
-            if buf is None or buf.shape != p.shape or buf.device != p.device:
-                buf = self._grad_buffers[i] = torch.empty_like(p, memory_format=torch.preserve_format)
-            dst.append(buf)
+            # A fresh buffer each step (an allocation, no kernel): after zero_grad(set_to_none=True)
+            # it goes back to the allocator, so no fp32 gradient is held between steps.
+            p.grad = torch.empty_like(p, memory_format=torch.preserve_format)
+            dst.append(p.grad)
             src.append(c.grad)
-            p.grad = buf
         if dst:
             _foreach_copy(dst, src)
         if add_dst:
@@ -152,7 +172,7 @@ class ComputeWeights:
             c.grad = None
 
     def extra_bytes(self) -> int:
-        """Bytes held between steps: the copies (the fp32 gradient buffers replace ``.grad``)."""
+        """Bytes held between steps: the copies."""
         return sum(c.numel() * c.element_size() for c in self.copies)
 
     def __repr__(self) -> str:
@@ -173,8 +193,9 @@ def _foreach_copy(dst: List[Tensor], src: List[Tensor]) -> None:
 def resolve_compute_weights(args: argparse.Namespace, model: nn.Module, precision: str, world: int) -> Optional[ComputeWeights]:
     """The run's :class:`ComputeWeights` for ``--bf16-weights``, or None.
 
-    ``auto``: on for a bf16 run in one process (where it changes no arithmetic and removes the
-    per-Linear casts), off otherwise. ``on`` where it cannot run (fp32, DDP, FSDP) raises and says why.
+    ``auto``: on for a bf16 run in one process without activation checkpointing (where it changes no
+    arithmetic and removes the per-Linear casts), off otherwise. ``on`` where it cannot run (fp32, DDP,
+    FSDP, activation checkpointing) raises and says why.
     """
     mode = getattr(args, "bf16_weights", "off")
     if mode not in COMPUTE_WEIGHTS:
@@ -185,6 +206,9 @@ def resolve_compute_weights(args: argparse.Namespace, model: nn.Module, precisio
     elif world > 1:
         reason = (f"the run has {world} processes, and DDP/FSDP reduce the gradients of the parameters they wrap, "
                   "not of the copies the forward uses")
+    elif getattr(args, "activation_checkpointing", False):
+        reason = ("--activation-checkpointing recomputes blocks in the backward, after the copies were swapped "
+                  "out, on the fp32 parameters")
     if mode == "off":
         return None
     if reason is not None:

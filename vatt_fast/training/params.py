@@ -75,7 +75,8 @@ FLAGS: Tuple[Flag, ...] = (
     _flag("--precision", default="auto", choices=PRECISIONS, help="auto: bf16 autocast on CUDA, fp32 on CPU"),
     _flag("--bf16-weights", default="auto", choices=COMPUTE_WEIGHTS, help="bf16 copies of the Linear weights, "
           "refreshed once per optimizer step, instead of autocast's casts in every forward and backward (same "
-          "arithmetic, fewer kernels). auto: on for a single-process bf16 run; off: plain autocast"),
+          "arithmetic, fewer kernels). auto: on for a single-process bf16 run without activation checkpointing; off: "
+          "plain autocast"),
     _flag("--device", default="auto", choices=DEVICES, help="auto: CUDA when available (cuda:LOCAL_RANK under torchrun)"),
     _flag("--compile", action="store_true", help="torch.compile the model"),
     _flag("--compile-scope", default="model", choices=("model", "blocks"), help="with --compile: the whole model "
