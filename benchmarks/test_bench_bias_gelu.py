@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from bench_utils import assert_parity, device_name, inductor_error, record, sync, time_it
+from bench_utils import assert_parity, device_name, inductor_error, peak_extra_mb, record, time_it
 
 from vatt_fast.kernels import _dispatch
 from vatt_fast.kernels.bias_gelu import bias_gelu_dropout, bias_gelu_dropout_reference
@@ -69,22 +69,9 @@ def _check(op, leaves, grad, seed):
     del got, plain, ref, leaves64
 
 
-def _peak_extra_mb(fn, device) -> object:
-    if device.type != "cuda":
-        return "not measured on the CPU"
-    sync(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    base = torch.cuda.memory_allocated(device)
-    out = fn()
-    sync(device)
-    peak = torch.cuda.max_memory_allocated(device) - base
-    del out
-    return round(peak / 2**20, 1)
-
-
 def _run(benchmark, fn, device, leaves, impl, mask):
     M, H = leaves[0].shape
-    peak = _peak_extra_mb(fn, device)
+    peak = peak_extra_mb(fn, device)
     time_it(benchmark, fn, device, rounds=20 if device.type == "cuda" else 10, warmup_rounds=2)
     record(
         benchmark, bytes_moved=5 * M * H * leaves[0].element_size(), device=device_name(device), impl=impl,

@@ -185,17 +185,7 @@ def test_train_step(benchmark, preset, device_type, batch_size, impl):
     cw = _compute_weights(model, impl, autocast_dtype)
 
     def step():
-        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-            out = model(batch) if cw is None else cw(batch)
-        loss = loss_fn({**out, "text_mask": batch["text_mask"]})["loss"]
-        loss.backward()
-        if cw is not None:
-            cw.grads_to_params()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if cw is not None:
-            cw.refresh()
-        return loss.detach()
+        return _train_step(model, cw, loss_fn, opt, batch, autocast_dtype)
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)  # peak = weights, optimizer state, activations of a step
@@ -217,25 +207,35 @@ def test_train_step(benchmark, preset, device_type, batch_size, impl):
     )
 
 
+def _train_step(model, cw, loss_fn, opt, batch, autocast_dtype):
+    """One optimizer step as the trainer takes it: forward (on the compute copies ``cw`` when given)
+    under autocast when ``autocast_dtype`` is set, loss, backward, the copies' gradients to the fp32
+    parameters, AdamW, the copies refreshed. Returns the detached loss."""
+    device_type = batch["video"].device.type
+    with torch.autocast(device_type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+        out = model(batch) if cw is None else cw(batch)
+    loss = loss_fn({**out, "text_mask": batch["text_mask"]})["loss"]
+    loss.backward()
+    if cw is not None:
+        cw.grads_to_params()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    if cw is not None:
+        cw.refresh()
+    return loss.detach()
+
+
 def _fits(model, loss_fn, opt, cw, cfg, batch_size, device) -> bool:
     """Whether two fast-path training steps at ``batch_size`` run without running out of memory."""
     fits = True
     try:
         batch = _batch(cfg, batch_size, device)
         for _ in range(2):
-            with torch.autocast(device.type, dtype=torch.bfloat16):
-                out = model(batch) if cw is None else cw(batch)
-            loss_fn({**out, "text_mask": batch["text_mask"]})["loss"].backward()
-            if cw is not None:
-                cw.grads_to_params()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if cw is not None:
-                cw.refresh()
+            _train_step(model, cw, loss_fn, opt, batch, torch.bfloat16)
         torch.cuda.synchronize(device)
     except torch.cuda.OutOfMemoryError:
         fits = False  # the exception (and the activations its traceback holds) is released here
-    batch = out = None  # noqa: F841 - drop the references before emptying the cache
+    batch = None  # drop the reference before emptying the cache
     opt.zero_grad(set_to_none=True)
     for c in [] if cw is None else cw.copies:
         c.grad = None
@@ -271,17 +271,7 @@ def test_largest_batch(benchmark, checkpointing):
     batch = _batch(cfg, batch_size, device)
 
     def step():
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            out = model(batch) if cw is None else cw(batch)
-        loss = loss_fn({**out, "text_mask": batch["text_mask"]})["loss"]
-        loss.backward()
-        if cw is not None:
-            cw.grads_to_params()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if cw is not None:
-            cw.refresh()
-        return loss.detach()
+        return _train_step(model, cw, loss_fn, opt, batch, torch.bfloat16)
 
     torch.cuda.reset_peak_memory_stats(device)
     loss = time_it(benchmark, step, device, rounds=3, warmup_rounds=1)

@@ -86,6 +86,23 @@ def _with_random_biases(model):
 IMPL_CASES = [(d, "reference") for d in DEVICES] + [(d, "triton") for d in DEVICES]
 
 
+def _adamw_step(model, opt, cw, batch) -> float:
+    """One bf16 autocast training step (on the copies ``cw`` when given, refreshed after the update),
+    with seed 0 for the random draws; returns the loss."""
+    torch.manual_seed(0)
+    with torch.autocast(batch["video"].device.type, dtype=torch.bfloat16):
+        out = cw(batch) if cw is not None else model(batch)
+    loss = VATTLoss()({**out, "text_mask": batch["text_mask"]})["loss"]
+    loss.backward()
+    if cw is not None:
+        cw.grads_to_params()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    if cw is not None:
+        cw.refresh()
+    return loss.item()
+
+
 @pytest.mark.parametrize("device_type, impl", IMPL_CASES, ids=[f"{d}-{i}" for d, i in IMPL_CASES])
 def test_same_loss_and_gradients_as_autocast_bit_for_bit(device_type, impl):
     device = torch.device(device_type)
@@ -131,18 +148,9 @@ def test_steps_refresh_and_match_autocast_training():
     cw = ComputeWeights(model)
     opts = [torch.optim.AdamW(m.parameters(), lr=1e-3) for m in (plain, model)]
     for _ in range(3):
-        for m, opt, w in ((plain, opts[0], None), (model, opts[1], cw)):
-            torch.manual_seed(0)
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                out = w(batch) if w is not None else m(batch)
-            VATTLoss()({**out, "text_mask": batch["text_mask"]})["loss"].backward()
-            if w is not None:
-                w.grads_to_params()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if w is not None:
-                w.refresh()
-                assert not w.stale()
+        _adamw_step(plain, opts[0], None, batch)
+        _adamw_step(model, opts[1], cw, batch)
+        assert not cw.stale()
     for (name, a), b in zip(plain.state_dict().items(), model.state_dict().values()):
         assert torch.equal(a, b), name
     for p, c in zip(cw.params, cw.copies):
@@ -284,21 +292,7 @@ def test_compiled_model_on_the_copies_matches_compiled_autocast(scope):
         compile_model(m, m, scope, "aot_eager")
         cw = ComputeWeights(m) if use_copies else None
         opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
-        out_losses = []
-        for _ in range(3):
-            torch.manual_seed(0)
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                out = cw(batch) if cw is not None else m(batch)
-            loss = VATTLoss()({**out, "text_mask": batch["text_mask"]})["loss"]
-            loss.backward()
-            if cw is not None:
-                cw.grads_to_params()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if cw is not None:
-                cw.refresh()
-            out_losses.append(loss.item())
-        return out_losses
+        return [_adamw_step(m, opt, cw, batch) for _ in range(3)]
 
     torch._dynamo.reset()
     assert losses(copy.deepcopy(model), True) == losses(copy.deepcopy(model), False)
